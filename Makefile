@@ -1,0 +1,57 @@
+# asr-retune — two commands do everything on a fresh machine:
+#   make demo   set-up + the weekly pipeline on the embedded default
+#   make test   set-up + the test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut -c1-16)
+FSDD   ?= ../shared/data/fsdd
+PYTEST_ARGS ?=
+
+.PHONY: help setup check-system demo test test-slow bench clean
+
+help:
+	@echo "make demo    set up .venv, build the demo corpus, run the weekly pipeline (embedded default)"
+	@echo "make test    set up .venv, run the test suite (CI runs this)"
+	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"
+	@echo "make test-slow   run the slow scenarios (pytest -m slow)"
+	@echo "make clean   remove the local store (.asr-retune/); keeps .venv"
+
+check-system:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "asr-retune: '$(PYTHON)' not found. Install Python 3.11 (Debian/Ubuntu: apt-get install python3.11 python3.11-venv; or pyenv install 3.11) or run 'make PYTHON=/path/to/python3.11 ...'." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
+	  echo "asr-retune: '$(PYTHON)' is not Python 3.11 (it is $$($(PYTHON) -V 2>&1)). Pass PYTHON=/path/to/python3.11." >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo "asr-retune: the venv module is missing for $(PYTHON). Debian/Ubuntu: apt-get install python3.11-venv." >&2; exit 1; }
+
+# .venv is (re)installed when missing or when pyproject.toml changed (the stamp names its hash).
+$(STAMP): pyproject.toml | check-system
+	@test -x $(BIN)/python || { echo ">> creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo ">> installing asr-retune and its pinned dependencies into $(VENV) (first time: several minutes, torch is large)"
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+setup: check-system $(STAMP)
+
+demo: setup
+	@test -d $(FSDD) || { echo "asr-retune: demo data not found at $(FSDD) (the FSDD recordings; set demo.fsdd_dir in the config, or FSDD=... here)." >&2; exit 1; }
+	$(BIN)/asr-retune demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	@mkdir -p .asr-retune
+	$(BIN)/python tests/benchmarks/run_all.py
+
+clean:
+	rm -rf .asr-retune

@@ -1,0 +1,1 @@
+"""asr-retune: weekly re-tuning and retraining of an ASR model."""

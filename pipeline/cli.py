@@ -1,0 +1,172 @@
+"""The ``asr-retune`` command line: parse arguments, call one library function, print.
+
+Every command takes ``--config FILE`` (or ``ASR_RETUNE_CONFIG``; default
+``configs/local.yaml``) and prints its result as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _common(p: argparse.ArgumentParser, *, run: bool = False) -> None:
+    p.add_argument("--config", metavar="FILE", help="configuration YAML (default: $ASR_RETUNE_CONFIG or configs/local.yaml)")
+    p.add_argument("--root", metavar="ROOT", help="object-store root: a folder, file://... or s3://bucket/prefix (default: storage.root)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if run:
+        p.add_argument("--run-id", metavar="ID", help="run id (default: a new one; reuse it to resume a run)")
+
+
+def _context(args: argparse.Namespace):
+    from pipeline.run import RunContext
+
+    config = load_config(args.config)
+    return RunContext.create(config, run_id=getattr(args, "run_id", None), root=args.root)
+
+
+def cmd_config(args: argparse.Namespace) -> dict[str, Any]:
+    return load_config(args.config).model_dump(mode="json")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.corpus import build_demo_corpus
+    from pipeline.storage import open_store
+
+    config = load_config(args.config)
+    store = open_store(args.root, config.storage)
+    return build_demo_corpus(
+        store,
+        config.demo,
+        config.audio.sample_rate,
+        weeks=args.weeks,
+        seed=args.seed,
+        defects_per_drop=args.defects,
+        progress=not args.quiet,
+    )
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.ingest import ingest
+
+    return ingest(_context(args), progress=not args.quiet)
+
+
+def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.features import extract_features
+
+    return extract_features(_context(args), progress=not args.quiet)
+
+
+def cmd_proxy(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.proxy import sample_proxy
+
+    return sample_proxy(_context(args), fraction=args.fraction, seed=args.seed)
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.weekly import run_demo
+
+    config = load_config(args.config)
+    return run_demo(config, root=args.root, progress=not args.quiet, echo=not args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asr-retune",
+        description="Weekly re-tuning and retraining of a speech-recognition model, shipped only when measurably better.",
+        epilog="Run 'asr-retune COMMAND --help' for a command's options. Artifacts live under ROOT/runs/RUN_ID/STAGE/.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="print the effective configuration (file + environment overrides)")
+    _common(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "demo-data",
+        help="write the demo corpus: weekly drops under ROOT/incoming/ and a golden set under ROOT/golden/",
+        description="Build digit-sequence utterances from real FSDD recordings and eSpeak NG voices. "
+        "The same seed gives byte-identical files.",
+    )
+    _common(p)
+    p.add_argument("--weeks", type=int, help="number of weekly drops (default: demo.weeks)")
+    p.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
+    p.add_argument("--defects", type=int, metavar="N", help="salt each drop with N defective records (default: demo.defects_per_drop)")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser(
+        "ingest",
+        help="validate new drops from ROOT/incoming/ into a new training-pool version; quarantine the rest",
+        description="Takes every drop not yet in the ledger (ROOT/state/ingest/ledger.json). "
+        "accepted + len(quarantined) + unparseable_lines == lines_read, always.",
+    )
+    _common(p, run=True)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("features", help="compute cached log-mel features for the current training pool")
+    _common(p, run=True)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("proxy", help="draw a stratified proxy sample (with its own dev split) of the training pool")
+    _common(p, run=True)
+    p.add_argument("--fraction", type=float, help="share of the pool in the proxy (default: proxy.fraction)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: proxy.seed)")
+    p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser(
+        "demo",
+        help="build the demo corpus if needed and run the weekly pipeline on it (what 'make demo' runs)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+        return
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+            if len(value) > 200:
+                value = value[:197] + "..."
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], dict[str, Any]] = args.func
+    try:
+        result = func(args)
+    except ConfigError as exc:
+        print(f"asr-retune: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("asr-retune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user, traceback with ASR_RETUNE_DEBUG
+        import os
+
+        if os.environ.get("ASR_RETUNE_DEBUG"):
+            raise
+        print(f"asr-retune {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("  (set ASR_RETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    _print(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed configuration: YAML file + environment overrides, validated with pydantic.
+
+Load order: defaults in the models below <- YAML file <- environment variables.
+An environment variable ``ASR_RETUNE__SECTION__FIELD=value`` overrides
+``section.field`` (the value is parsed as YAML, so ``8``, ``true`` and ``[1, 2]``
+keep their types). ``ASR_RETUNE_CONFIG`` names the file when ``--config`` is not
+given; the default is ``configs/local.yaml`` in the project.
+
+A bad file fails with :class:`ConfigError` naming the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+ENV_FILE = "ASR_RETUNE_CONFIG"
+ENV_PREFIX = "ASR_RETUNE__"
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid; the message says which field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Where runs and state live: a local folder, ``file://...`` or ``s3://bucket/prefix``."""
+
+    root: str = ".asr-retune/store"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    retry_max_attempts: int = Field(8, ge=1, le=20)
+    retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
+    multipart_threshold_mb: int = Field(8, ge=5)
+    multipart_chunk_mb: int = Field(8, ge=5)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("root")
+    @classmethod
+    def _root_scheme(cls, v: str) -> str:
+        if "://" in v and not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError("root must be a local path, file://... or s3://bucket/prefix")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("s3:// root needs a bucket name")
+        return v
+
+
+class AudioConfig(_Section):
+    """The one front-end sample rate; every accepted utterance is converted to it."""
+
+    sample_rate: int = Field(8000, ge=4000, le=48000)
+
+
+class DemoConfig(_Section):
+    """The demo corpus built from FSDD recordings and eSpeak NG voices."""
+
+    fsdd_dir: str = "../shared/data/fsdd"
+    weeks: int = Field(2, ge=1, le=52)
+    utterances_per_week: int = Field(600, ge=1)
+    golden_utterances: int = Field(300, ge=1)
+    synthetic_fraction: float = Field(0.35, ge=0.0, le=1.0)
+    min_digits: int = Field(1, ge=1)
+    max_digits: int = Field(7, ge=1)
+    seed: int = 1234
+    golden_version: str = "v1"
+    defects_per_drop: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _digits_order(self) -> "DemoConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) > max_digits ({self.max_digits})")
+        return self
+
+    def fsdd_path(self) -> Path:
+        p = Path(self.fsdd_dir)
+        return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
+class IngestConfig(_Section):
+    """Validation rules applied to every incoming record."""
+
+    min_duration_s: float = Field(0.1, gt=0)
+    max_duration_s: float = Field(30.0, gt=0)
+    duration_tolerance_s: float = Field(0.25, ge=0)
+    silence_floor_dbfs: float = Field(-60.0, le=0)
+    max_audio_bytes: int = Field(64 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "IngestConfig":
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError(
+                f"min_duration_s ({self.min_duration_s}) must be below max_duration_s ({self.max_duration_s})"
+            )
+        return self
+
+
+class FeatureConfig(_Section):
+    """Log-mel front end (torchaudio)."""
+
+    n_mels: int = Field(40, ge=8, le=256)
+    win_ms: float = Field(25.0, gt=0)
+    hop_ms: float = Field(10.0, gt=0)
+    shard_utterances: int = Field(512, ge=1)
+    workers: int = Field(0, ge=0, description="0 = one per core")
+
+
+class ProxyConfig(_Section):
+    fraction: float = Field(0.3, gt=0, le=1)
+    dev_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 7
+
+
+class RayConfig(_Section):
+    """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "sqlite:///.asr-retune/mlflow.db"
+    artifact_root: str = ".asr-retune/mlartifacts"
+    registered_model: str = "asr"
+
+
+class Config(_Section):
+    storage: StorageConfig = StorageConfig()
+    audio: AudioConfig = AudioConfig()
+    demo: DemoConfig = DemoConfig()
+    ingest: IngestConfig = IngestConfig()
+    features: FeatureConfig = FeatureConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node[path[-1]] = raw if value is None and raw != "" else value
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field (value {shown}); check the spelling")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def resolve_config_path(path: str | os.PathLike | None = None) -> Path:
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_FILE)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate the configuration; raise :class:`ConfigError` with the bad field named."""
+    file = resolve_config_path(path)
+    if not file.exists():
+        raise ConfigError(f"configuration file not found: {file} (pass --config FILE or set {ENV_FILE})")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {file} must hold a mapping at the top, got {type(data).__name__}")
+    data = _apply_env(data, dict(os.environ if environ is None else environ))
+    return config_from_dict(data, source=str(file))

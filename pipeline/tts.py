@@ -1,0 +1,156 @@
+"""Speech synthesis with eSpeak NG, called through ctypes.
+
+The ``espeakng-loader`` package bundles the eSpeak NG shared library and its data folder,
+so no system package is needed. The engine runs in synchronous mode: ``espeak_Synth``
+returns once the whole text is spoken, and a callback collects the 16-bit samples
+(22,050 Hz for the bundled voices).
+
+eSpeak NG is one global C library per process (one current voice, one set of
+parameters, one callback), so every synthesis holds a module lock. A process that
+forks after the engine started keeps a usable copy; threads share it through the lock.
+
+Voices are eSpeak names with an optional variant, e.g. ``en+f3``, ``en-us+m3``,
+``en-gb-x-rp+m7``; ``rate`` is in words per minute (80..450, default 175) and ``pitch``
+is 0..100 (default 50).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# espeak_AUDIO_OUTPUT, options and flags from speak_lib.h
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_EE_OK = 0
+# espeak_PARAMETER
+_RATE = 1
+_VOLUME = 2
+_PITCH = 3
+
+MIN_RATE, MAX_RATE = 80, 450
+MIN_PITCH, MAX_PITCH = 0, 100
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class TtsError(RuntimeError):
+    """eSpeak NG could not be loaded, or could not speak the requested text or voice."""
+
+
+@dataclass
+class _Engine:
+    lib: ctypes.CDLL
+    sample_rate: int
+    callback: object  # keeps the ctypes callback alive as long as the engine
+    chunks: list[np.ndarray]
+
+
+_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+def _load_engine() -> _Engine:
+    try:
+        import espeakng_loader
+    except ImportError as exc:
+        raise TtsError(
+            "eSpeak NG is not available: the 'espeakng-loader' package is not installed "
+            "(pip install espeakng-loader==0.2.4, or pip install -e '.[test]' in the project)"
+        ) from exc
+    lib_path = espeakng_loader.get_library_path()
+    try:
+        data_path = espeakng_loader.get_data_path()
+    except RuntimeError as exc:
+        raise TtsError(f"eSpeak NG data folder missing: {exc}; reinstall espeakng-loader") from exc
+    try:
+        lib = ctypes.CDLL(lib_path)
+    except OSError as exc:
+        raise TtsError(f"cannot load the eSpeak NG library from {lib_path}: {exc}; reinstall espeakng-loader") from exc
+
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_Initialize.restype = ctypes.c_int
+    lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
+    lib.espeak_SetSynthCallback.restype = None
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetVoiceByName.restype = ctypes.c_int
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_SetParameter.restype = ctypes.c_int
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+    ]
+    lib.espeak_Synth.restype = ctypes.c_int
+    lib.espeak_Synchronize.argtypes = []
+    lib.espeak_Synchronize.restype = ctypes.c_int
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    lib.espeak_ng_SetRandSeed.restype = None
+
+    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
+    if sample_rate <= 0:
+        raise TtsError(f"eSpeak NG failed to initialize (library {lib_path}, data {data_path})")
+
+    chunks: list[np.ndarray] = []
+
+    def collect(wav, numsamples, _events) -> int:  # noqa: ANN001 - ctypes callback
+        if wav and numsamples > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(numsamples,)).copy())
+        return 0  # 0 = continue synthesis
+
+    callback = _SynthCallback(collect)
+    lib.espeak_SetSynthCallback(callback)
+    return _Engine(lib=lib, sample_rate=sample_rate, callback=callback, chunks=chunks)
+
+
+def _get_engine() -> _Engine:
+    global _engine
+    if _engine is None:
+        _engine = _load_engine()
+    return _engine
+
+
+def synthesize(
+    text: str, voice: str = "en", rate: int = 175, pitch: int = 50, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """Speak ``text`` with an eSpeak NG ``voice``; return mono float32 samples in [-1, 1) and their rate.
+
+    eSpeak NG adds pseudo-random jitter to its waveform; ``seed`` resets that generator so
+    the same arguments always give the same samples.
+
+    Raises :class:`TtsError` if the library cannot be loaded, the voice is unknown, or the
+    text produced no audio.
+    """
+    if not text.strip():
+        raise TtsError("nothing to synthesize: text is empty")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise TtsError(f"rate {rate} outside {MIN_RATE}..{MAX_RATE} words per minute")
+    if not MIN_PITCH <= pitch <= MAX_PITCH:
+        raise TtsError(f"pitch {pitch} outside {MIN_PITCH}..{MAX_PITCH}")
+    with _lock:
+        engine = _get_engine()
+        lib = engine.lib
+        if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
+            raise TtsError(f"unknown eSpeak NG voice {voice!r} (use e.g. 'en+f3', 'en-us+m3')")
+        # Set every parameter on every call: eSpeak keeps them globally between calls.
+        for param, value in ((_RATE, rate), (_PITCH, pitch), (_VOLUME, 100)):
+            if lib.espeak_SetParameter(param, int(value), 0) != _EE_OK:
+                raise TtsError(f"eSpeak NG rejected parameter {param}={value}")
+        lib.espeak_ng_SetRandSeed(seed)
+        engine.chunks.clear()
+        data = text.encode("utf-8") + b"\0"
+        buf = ctypes.create_string_buffer(data, len(data))
+        status = lib.espeak_Synth(buf, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        lib.espeak_Synchronize()
+        if status != _EE_OK:
+            raise TtsError(f"eSpeak NG failed to synthesize {text!r} with voice {voice!r} (error {status})")
+        samples = np.concatenate(engine.chunks) if engine.chunks else np.zeros(0, dtype=np.int16)
+        engine.chunks.clear()
+        sample_rate = engine.sample_rate
+    if samples.size == 0:
+        raise TtsError(f"eSpeak NG produced no audio for {text!r} with voice {voice!r}")
+    return samples.astype(np.float32) / 32768.0, sample_rate

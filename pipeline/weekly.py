@@ -1,0 +1,76 @@
+"""The weekly run, chained in-process: the stages that exist, in order.
+
+The Airflow DAG calls the same stage functions one task each; this module is for the
+CLI (``asr-retune demo``) and for tests that run the chain without Airflow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.run import RunContext, new_run_id
+from pipeline.storage import join, open_store
+
+
+def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
+    from pipeline.features import extract_features
+    from pipeline.ingest import ingest
+    from pipeline.proxy import sample_proxy
+
+    return [
+        ("ingest", lambda ctx, progress: ingest(ctx, progress=progress)),
+        ("features", lambda ctx, progress: extract_features(ctx, progress=progress)),
+        ("proxy", lambda ctx, progress: sample_proxy(ctx)),
+    ]
+
+
+def run_weekly(ctx: RunContext, *, progress: bool = True, echo: bool = False) -> dict[str, Any]:
+    """Run every built stage for ``ctx``'s run; a finished stage is skipped (its summary kept)."""
+    out: dict[str, Any] = {"run_id": ctx.run_id, "root": ctx.store.root, "stages": {}}
+    for name, stage in _stages():
+        t0 = time.perf_counter()
+        if echo:
+            print(f"== {name} ==", flush=True)
+        summary = stage(ctx, progress)
+        summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        out["stages"][name] = summary
+        if echo:
+            _echo_summary(name, summary)
+    return out
+
+
+def _echo_summary(name: str, summary: dict[str, Any]) -> None:
+    for key, value in summary.items():
+        if isinstance(value, list):
+            print(f"  {key}: {len(value)} item(s)")
+        elif isinstance(value, dict):
+            print(f"  {key}: {{{', '.join(f'{k}: {v}' for k, v in list(value.items())[:6])}{', ...' if len(value) > 6 else ''}}}")
+        else:
+            print(f"  {key}: {value}")
+
+
+def run_demo(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
+    """Build the demo corpus if it is not there yet, then run the weekly pipeline once."""
+    from pipeline.corpus import build_demo_corpus
+
+    store = open_store(root, config.storage)
+    golden = join("golden", config.demo.golden_version, "manifest.jsonl")
+    result: dict[str, Any] = {}
+    if store.exists(golden):
+        result["corpus"] = {"skipped": True, "reason": f"{store.uri(golden)} exists (make clean to rebuild)"}
+    else:
+        if echo:
+            print(f"== demo corpus -> {store.root} ==", flush=True)
+        result["corpus"] = build_demo_corpus(store, config.demo, config.audio.sample_rate, progress=progress)
+    if echo:
+        print(f"  incoming drops: {store.uri('incoming')}\n  golden set:     {store.uri(golden)}")
+    ctx = RunContext(run_id=new_run_id().replace("cli__", "demo__"), config=config, store=store)
+    result["run"] = run_weekly(ctx, progress=progress, echo=echo)
+    result["results"] = store.uri(ctx.stage_prefix(""))
+    if echo:
+        print(f"\nresults of run {ctx.run_id}: {result['results']}")
+        print(f"training pool and caches:    {store.uri('state')}")
+    return result
