@@ -6,21 +6,38 @@ returns once the whole text is spoken, and a callback collects the 16-bit sample
 (22,050 Hz for the bundled voices).
 
 eSpeak NG is one global C library per process (one current voice, one set of
-parameters, one callback), so every synthesis holds a module lock. A process that
-forks after the engine started keeps a usable copy; threads share it through the lock.
+parameters, one callback), so every synthesis holds a module lock; threads share the
+engine through it. Across processes prefer :func:`synthesize_isolated` (a forked child
+would inherit the parent's engine state).
 
 Voices are eSpeak names with an optional variant, e.g. ``en+f3``, ``en-us+m3``,
 ``en-gb-x-rp+m7``; ``rate`` is in words per minute (80..450, default 175) and ``pitch``
 is 0..100 (default 50).
+
+Repeatability: eSpeak NG's waveform generator keeps state from one call to the next
+(pitch-flutter phase, automatic gain, echo buffer; none of it can be reset through the
+API), so the same arguments give slightly different samples depending on what was spoken
+before in the process. A sequence of calls in a *fresh* process is exactly repeatable:
+:func:`synthesize_isolated` runs a batch in a new ``python -m pipeline.tts`` process
+when the output must be byte-identical, as the demo corpus does.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
+import json
+import os
+import subprocess
+import sys
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+__all__ = ["SpeechRequest", "TtsError", "synthesize", "synthesize_batch", "synthesize_isolated"]
 
 # espeak_AUDIO_OUTPUT, options and flags from speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -33,6 +50,8 @@ _RATE = 1
 _VOLUME = 2
 _PITCH = 3
 
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 MIN_RATE, MAX_RATE = 80, 450
 MIN_PITCH, MAX_PITCH = 0, 100
 
@@ -41,6 +60,17 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 
 class TtsError(RuntimeError):
     """eSpeak NG could not be loaded, or could not speak the requested text or voice."""
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """One text to speak, with its voice settings (picklable, for :func:`synthesize_batch`)."""
+
+    text: str
+    voice: str = "en"
+    rate: int = 175
+    pitch: int = 50
+    seed: int = 0
 
 
 @dataclass
@@ -154,3 +184,54 @@ def synthesize(
     if samples.size == 0:
         raise TtsError(f"eSpeak NG produced no audio for {text!r} with voice {voice!r}")
     return samples.astype(np.float32) / 32768.0, sample_rate
+
+
+def synthesize_batch(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray], int]:
+    """Speak every request in order in this process; return the sample arrays and their rate."""
+    out: list[np.ndarray] = []
+    sample_rate = 0
+    for r in requests:
+        samples, sample_rate = synthesize(r.text, r.voice, r.rate, r.pitch, r.seed)
+        out.append(samples)
+    return out, sample_rate
+
+
+
+def synthesize_isolated(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray], int]:
+    """Like :func:`synthesize_batch`, but in a new Python process (``python -m pipeline.tts``).
+
+    The output depends only on ``requests``: eSpeak NG starts from its initial state.
+    Safe to call from several threads at once (each call is its own process).
+    """
+    if not requests:
+        return [], 0
+    if not sys.executable:
+        raise TtsError("cannot start the eSpeak NG worker: sys.executable is unknown")
+    payload = json.dumps([asdict(r) for r in requests]).encode("utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.tts"], input=payload, capture_output=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-5:]
+        raise TtsError(f"eSpeak NG worker failed (exit {proc.returncode}): " + " | ".join(tail))
+    with np.load(io.BytesIO(proc.stdout)) as data:
+        pcm, lengths, sample_rate = data["pcm"], data["lengths"], int(data["sample_rate"])
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [pcm[a:b].astype(np.float32) / 32768.0 for a, b in zip(bounds[:-1], bounds[1:])], sample_rate
+
+
+def _serve_stdin() -> None:
+    """Worker entry point: JSON list of requests on stdin, an ``.npz`` of int16 samples on stdout."""
+    requests = [SpeechRequest(**r) for r in json.loads(sys.stdin.buffer.read())]
+    waves, sample_rate = synthesize_batch(requests)
+    pcm = [np.round(w * 32768.0).astype(np.int16) for w in waves]
+    buf = io.BytesIO()
+    np.savez(buf, pcm=np.concatenate(pcm), lengths=np.array([len(p) for p in pcm]), sample_rate=sample_rate)
+    sys.stdout.buffer.write(buf.getvalue())
+    sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    _serve_stdin()
