@@ -120,6 +120,57 @@ class ProxyConfig(_Section):
     seed: int = 7
 
 
+class ModelConfig(_Section):
+    """Character CTC model; names match the search space's (configs/search_space.yaml)."""
+
+    encoder: Literal["conformer", "lstm", "transformer"] = "conformer"
+    num_layers: int = Field(2, ge=1, le=24)
+    d_model: int = Field(144, ge=16, le=1024)
+    attention_heads: int = Field(4, ge=1, le=16)
+    ffn_mult: int = Field(4, ge=1, le=8)
+    conv_kernel: int = Field(15, ge=3, le=63)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    subsample_channels: int = Field(32, ge=4, le=256)
+    time_mask_width: int = Field(10, ge=0, le=100)
+    time_masks: int = Field(2, ge=0, le=10)
+    freq_mask_width: int = Field(8, ge=0, le=64)
+    freq_masks: int = Field(2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.encoder != "lstm" and self.d_model % self.attention_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by attention_heads ({self.attention_heads})"
+            )
+        if self.encoder == "conformer" and self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel ({self.conv_kernel}) must be odd for the conformer")
+        return self
+
+
+class TrainConfig(_Section):
+    """One training loop for search trials and full training."""
+
+    epochs: int = Field(12, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=64)
+    base_batch_size: int = Field(32, ge=1, description="lr is scaled by effective batch / base_batch_size")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=10)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.98, gt=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-2, ge=0, le=1)
+    schedule: Literal["noam", "cosine", "plateau"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    clip_norm: float = Field(5.0, gt=0)
+    max_grad_norm_abort: float = Field(1e4, gt=0, description="a gradient norm above this is divergence")
+    seed: int = 0
+    dev_fraction: float = Field(0.05, gt=0, lt=1, description="share of the pool held out for full-training dev")
+    num_workers: int = Field(2, ge=1, le=256, description="DDP workers for full training (Ray Train)")
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+
+
 class RayConfig(_Section):
     """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
 
@@ -140,6 +191,8 @@ class Config(_Section):
     ingest: IngestConfig = IngestConfig()
     features: FeatureConfig = FeatureConfig()
     proxy: ProxyConfig = ProxyConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

@@ -1,0 +1,369 @@
+"""The one training loop, used by search trials, full training (Ray Train DDP) and tests.
+
+:func:`train_model` runs epochs of CTC training and, after every epoch, evaluates dev
+WER and hands the caller a report plus a complete checkpoint state (model, optimizer,
+scheduler, RNG states, epoch). The caller decides where checkpoints go (Ray Tune,
+Ray Train, or the run's storage) and passes the last one back as ``resume`` to continue.
+Data order depends only on (seed, epoch), so a resumed run replays exactly what an
+uninterrupted one would have done.
+
+Under ``torch.distributed`` (Ray Train's TorchTrainer sets it up) the model is wrapped
+in DDP, every rank takes its share of the batches, dev error counts are all-reduced, and
+the report callback is called on every rank with a checkpoint state on rank 0 only
+(``None`` elsewhere), so that only rank 0 logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.evaluation import score_pairs
+from pipeline.model import ASRModel
+from pipeline.vocab import decode_ids, encode_text, vocab_size
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became non-finite or exploded; ``status`` is ``diverged``."""
+
+    status = "diverged"
+
+
+class TrainingOutOfMemory(RuntimeError):
+    status = "oom"
+
+
+class FeatureDataset(Protocol):
+    """What the loop needs from data: log-mel features and transcripts by index."""
+
+    def __len__(self) -> int: ...
+
+    def frames(self) -> np.ndarray: ...
+
+    def features(self, i: int) -> np.ndarray: ...  # [frames, n_mels] float
+
+    def text(self, i: int) -> str: ...
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based: epochs completed
+    train_loss: float
+    dev_wer: float
+    dev_cer: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    utts_per_s: float
+    n_train: int
+    n_dev: int
+
+    def metrics(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Report = Callable[[EpochReport, "dict[str, Any] | None"], None]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_batches(frames: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Length-bucketed batches in an order fixed by (seed, epoch)."""
+    n = len(frames)
+    if not shuffle:
+        order = np.argsort(frames, kind="stable")
+        return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    chunk = batch_size * 32
+    batches: list[list[int]] = []
+    for start in range(0, n, chunk):
+        part = perm[start : start + chunk]
+        part = part[np.argsort(frames[part], kind="stable")]
+        batches.extend(part[i : i + batch_size].tolist() for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(data: FeatureDataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    feats = [np.asarray(data.features(i), dtype=np.float32) for i in idx]
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    x = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+    for j, f in enumerate(feats):
+        x[j, : f.shape[0]] = torch.from_numpy(f)
+    labels = [encode_text(data.text(i)) for i in idx]
+    label_lengths = torch.tensor([len(t) for t in labels])
+    y = torch.tensor([t for lab in labels for t in lab], dtype=torch.long)
+    return x, lengths, y, label_lengths
+
+
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """Linear scaling rule: lr × (batch × accumulation × workers) / base batch."""
+    return cfg.lr * (cfg.batch_size * cfg.grad_accum * world_size) / cfg.base_batch_size
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+class Schedule:
+    """Per-step LR schedule (Noam, warmup+cosine) or warmup + per-epoch reduce-on-plateau."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+        self.kind = cfg.schedule
+        warm = max(1, cfg.warmup_steps)
+        total = max(total_steps, warm + 1)
+        if self.kind == "noam":
+            fn = lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1)))  # noqa: E731
+        elif self.kind == "cosine":
+            fn = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / (total - warm))))  # noqa: E731
+        else:
+            fn = lambda s: min(1.0, (s + 1) / warm)  # noqa: E731
+        self.step_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+            if self.kind == "plateau"
+            else None
+        )
+        self._scale = 1.0
+
+    def step(self) -> None:
+        self.step_sched.step()
+        if self.plateau is not None and self._scale != 1.0:
+            for g, base in zip(self.step_sched.optimizer.param_groups, self.step_sched.base_lrs):
+                g["lr"] = base * self.step_sched.lr_lambdas[0](self.step_sched.last_epoch) * self._scale
+
+    def epoch_end(self, dev_wer: float) -> None:
+        if self.plateau is not None:
+            before = self.plateau.optimizer.param_groups[0]["lr"]
+            self.plateau.step(dev_wer)
+            after = self.plateau.optimizer.param_groups[0]["lr"]
+            if after < before:
+                self._scale *= after / before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_sched.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "scale": self._scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_sched.load_state_dict(state["step"])
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        self._scale = float(state.get("scale", 1.0))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _unwrap(model: nn.Module) -> ASRModel:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def dev_error_counts(model: nn.Module, data: FeatureDataset, batch_size: int, rank: int = 0, world: int = 1) -> tuple[int, int, int, int]:
+    """(word errors, reference words, char errors, reference chars) over this rank's share of ``data``."""
+    was_training = model.training
+    model.eval()
+    batches = make_batches(data.frames(), batch_size, 0, 0, shuffle=False)[rank::world]
+    totals = [0, 0, 0, 0]
+    device = next(model.parameters()).device
+    for idx in batches:
+        x, lengths, _, _ = collate(data, idx)
+        log_probs, out_lengths = model(x.to(device), lengths.to(device))
+        best = log_probs.argmax(-1).cpu().tolist()
+        hyps = [decode_ids(ids[:n]) for ids, n in zip(best, out_lengths.cpu().tolist())]
+        for counts in score_pairs([data.text(i) for i in idx], hyps):
+            for k in range(4):
+                totals[k] += counts[k]
+    model.train(was_training)
+    return totals[0], totals[1], totals[2], totals[3]
+
+
+def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = None, var: np.ndarray | None = None) -> ASRModel:
+    model = ASRModel(model_cfg, n_mels, vocab_size())
+    if mean is not None and var is not None:
+        model.set_normalization(torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(var, dtype=torch.float32))
+    return model
+
+
+def train_model(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_set: FeatureDataset,
+    dev_set: FeatureDataset,
+    *,
+    n_mels: int,
+    feature_mean: np.ndarray | None = None,
+    feature_var: np.ndarray | None = None,
+    resume: dict[str, Any] | None = None,
+    report: Report | None = None,
+    max_epochs: int | None = None,
+    stop_after_batches: int | None = None,
+) -> tuple[ASRModel, list[EpochReport]]:
+    """Train for ``train_cfg.epochs`` (or ``max_epochs``) epochs; return the model and the reports.
+
+    ``stop_after_batches`` simulates a crash mid-epoch (tests): it raises ``KeyboardInterrupt``
+    after that many optimizer batches in the current call.
+    """
+    rank, world = _dist()
+    seed_everything(train_cfg.seed)
+    use_cuda = train_cfg.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    model = build_model(model_cfg, n_mels, feature_mean, feature_var).to(device)
+    lr = effective_lr(train_cfg, world)
+    optimizer = build_optimizer(model, train_cfg, lr)
+    epochs = max_epochs or train_cfg.epochs
+    frames = train_set.frames()
+    batches_per_epoch = math.ceil(len(frames) / train_cfg.batch_size)
+    per_rank = max(1, batches_per_epoch // world)
+    steps_per_epoch = max(1, per_rank // train_cfg.grad_accum)
+    schedule = Schedule(optimizer, train_cfg, steps_per_epoch * epochs)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda else None
+    start_epoch = 0
+    history: list[EpochReport] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        start_epoch = int(resume["epoch"])
+        history = [EpochReport(**h) for h in resume.get("history", [])]
+        _set_rng(resume["rng"])
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+    done_batches = 0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t0 = time.perf_counter()
+        batches = make_batches(frames, train_cfg.batch_size, train_cfg.seed, epoch)
+        batches = batches[: per_rank * world][rank::world]
+        loss_sum, n_loss, n_utts, grad_norm = 0.0, 0, 0, 0.0
+        optimizer.zero_grad(set_to_none=True)
+        for b, idx in enumerate(batches):
+            x, lengths, y, ylens = collate(train_set, idx)
+            try:
+                with torch.autocast("cuda", enabled=use_cuda):
+                    log_probs, out_lengths = model(x.to(device), lengths.to(device))
+                    loss = ctc(log_probs.transpose(0, 1).float(), y.to(device), out_lengths, ylens.to(device))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {b + 1}")
+                scaled = loss / train_cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            except RuntimeError as exc:
+                if _is_oom(exc):
+                    raise TrainingOutOfMemory(
+                        f"out of memory at batch_size={train_cfg.batch_size} "
+                        f"(longest utterance {int(lengths.max())} frames): lower train.batch_size and raise train.grad_accum"
+                    ) from None
+                raise
+            loss_sum += loss.item()
+            n_loss += 1
+            n_utts += len(idx)
+            if (b + 1) % train_cfg.grad_accum == 0 or b + 1 == len(batches):
+                if scaler:
+                    scaler.unscale_(optimizer)
+                norm = float(nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm))
+                if not math.isfinite(norm) or norm > train_cfg.max_grad_norm_abort:
+                    raise TrainingDiverged(
+                        f"gradient norm {norm:.3g} exceeds train.max_grad_norm_abort={train_cfg.max_grad_norm_abort:g} "
+                        f"at epoch {epoch + 1}, batch {b + 1}"
+                    )
+                grad_norm = norm
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+            done_batches += 1
+            if stop_after_batches is not None and done_batches >= stop_after_batches:
+                raise KeyboardInterrupt(f"simulated crash after {done_batches} batches")
+        errs, words, cerrs, chars = dev_error_counts(model, dev_set, train_cfg.batch_size, rank, world)
+        totals = torch.tensor([errs, words, cerrs, chars, loss_sum, n_loss, n_utts], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        errs, words, cerrs, chars, loss_sum, n_loss, n_utts = totals.tolist()
+        dev_wer = errs / words if words else math.nan
+        seconds = time.perf_counter() - t0
+        schedule.epoch_end(dev_wer)
+        rep = EpochReport(
+            epoch=epoch + 1,
+            train_loss=loss_sum / max(1, n_loss),
+            dev_wer=dev_wer,
+            dev_cer=cerrs / chars if chars else math.nan,
+            lr=optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            seconds=seconds,
+            utts_per_s=n_utts / seconds if seconds else 0.0,
+            n_train=int(n_utts),
+            n_dev=len(dev_set),
+        )
+        history.append(rep)
+        if report is not None:
+            # every rank reports (Ray Train's report is a barrier); only rank 0 carries a checkpoint
+            state = None if rank != 0 else {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch + 1,
+                "rng": _get_rng(),
+                "history": [h.metrics() for h in history],
+                "model_cfg": model_cfg.model_dump(),
+                "train_cfg": train_cfg.model_dump(),
+                "n_mels": n_mels,
+            }
+            report(rep, copy.deepcopy(state) if state is not None else None)
+    return _unwrap(model), history
+
+
+def _get_rng() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint_model(state: dict[str, Any]) -> ASRModel:
+    """Rebuild the model from a checkpoint state written by :func:`train_model`."""
+    model = ASRModel(ModelConfig(**state["model_cfg"]), int(state["n_mels"]), vocab_size())
+    model.load_state_dict(state["model"])
+    return model.eval()
+
