@@ -73,6 +73,37 @@ def cmd_proxy(args: argparse.Namespace) -> dict[str, Any]:
     return sample_proxy(_context(args), fraction=args.fraction, seed=args.seed)
 
 
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.trainer import train_full
+
+    hparams = None
+    if args.hparams:
+        with open(args.hparams, encoding="utf-8") as f:
+            hparams = json.load(f)
+        if not isinstance(hparams, dict):
+            raise ValueError(f"{args.hparams} must hold a JSON object of hyperparameters")
+    return train_full(_context(args), hparams=hparams, epochs=args.epochs)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.evaluation import evaluate
+    from pipeline.storage import open_store
+
+    config = load_config(args.config)
+    store = open_store(args.root, config.storage)
+    result = evaluate(args.model, args.manifest, store, batch_size=args.batch_size, storage_config=config.storage)
+    if not args.json:
+        groups = result.pop("per_group")
+        result["per_group"] = {k: f"{v['wer']:.3f} ({v['n_utts']} utts)" for k, v in groups.items()}
+    return result
+
+
+def cmd_transcribe(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.evaluation import transcribe_files
+
+    return transcribe_files(args.model, args.files)
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.weekly import run_demo
 
@@ -124,6 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser(
+        "train",
+        help="full DDP training (Ray Train) on the run's features; exports runs/RUN_ID/train/model.pt",
+        description="Trains the configured model (or --hparams, e.g. a search's best_config.json) with "
+        "train.num_workers DDP workers; a retried run resumes from its last checkpoint.",
+    )
+    _common(p, run=True)
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--hparams", metavar="JSON", help="a JSON file of hyperparameters laid over model:/train:")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest",
+    )
+    _common(p)
+    p.add_argument("--model", required=True, help="exported model file (model.pt)")
+    p.add_argument("--manifest", required=True, help="manifest: a path, file:// or s3:// URI, or a key under ROOT")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("transcribe", help="print the transcript of audio files (WAV/FLAC, any rate, mono or stereo)")
+    _common(p)
+    p.add_argument("--model", required=True, help="exported model file (model.pt)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser(
         "demo",
         help="build the demo corpus if needed and run the weekly pipeline on it (what 'make demo' runs)",
     )
@@ -164,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asr-retune {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("  (set ASR_RETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    if args.command == "demo" and not args.json:
+        return 0  # the demo has printed its progress and where the results are
     _print(result, args.json)
     return 0
 

@@ -171,6 +171,36 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
 
 
+class SearchConfig(_Section):
+    """Ray Tune ASHA + Optuna TPE over ``space_file`` on the proxy set."""
+
+    space_file: str = "configs/search_space.yaml"
+    trials: int = Field(8, ge=1, le=10000)
+    budget_s: float | None = Field(900.0, gt=0, description="wall-clock budget of the search (null: none)")
+    max_epochs: int = Field(8, ge=1, le=1000, description="ASHA max_t, in epochs")
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2, le=10)
+    max_concurrent: int = Field(2, ge=1, le=1024)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_failures: int = Field(2, ge=0, description="per-trial retries from its last checkpoint (spot preemption)")
+    seed: int = 0
+    warm_start_top_k: int = Field(2, ge=0, le=50, description="best trials of earlier runs evaluated first")
+    metric: Literal["dev_wer", "dev_cer", "dev_loss"] = Field(
+        "dev_wer", description="what ASHA and TPE minimize; dev_loss separates trials that all still output blanks"
+    )
+
+    @model_validator(mode="after")
+    def _grace(self) -> "SearchConfig":
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) > max_epochs ({self.max_epochs})")
+        return self
+
+    def space_path(self) -> Path:
+        p = Path(self.space_file)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
 class RayConfig(_Section):
     """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
 
@@ -193,6 +223,7 @@ class Config(_Section):
     proxy: ProxyConfig = ProxyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

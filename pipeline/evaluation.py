@@ -178,9 +178,28 @@ def evaluate_model(
     return EvalResult(scores, audio_s, compute_s, meta=dict(model.meta))
 
 
-def evaluate(model_ref: str, manifest_ref: str, store: ObjectStore | None = None, *, batch_size: int = 16) -> dict[str, Any]:
+def evaluate(
+    model_ref: str,
+    manifest_ref: str,
+    store: ObjectStore | None = None,
+    *,
+    batch_size: int = 16,
+    storage_config: StorageConfig | None = None,
+) -> dict[str, Any]:
     """``asr-retune evaluate``: WER/CER/per-group/RTF of an exported model on a manifest."""
     model = load_exported(model_ref)
-    mstore, key = open_manifest(manifest_ref, store)
+    mstore, key = open_manifest(manifest_ref, store, storage_config)
     result = evaluate_model(model, mstore, key, batch_size=batch_size)
     return {"model": str(model_ref), "manifest": mstore.uri(key), **result.summary()}
+
+
+def transcribe_files(model_ref: str, files: Sequence[str]) -> dict[str, Any]:
+    """``asr-retune transcribe``: one transcript per audio file, in order."""
+    model = load_exported(model_ref)
+    out = []
+    for path in files:
+        with open(path, "rb") as f:
+            wave, sr = decode_audio(f.read())
+        text = model.transcribe([to_mono_resampled(wave, sr, model.sample_rate).numpy()])[0]
+        out.append({"file": path, "text": text, "duration_s": round(wave.shape[1] / sr, 3)})
+    return {"model": str(model_ref), "transcripts": out}

@@ -99,6 +99,8 @@ class ExportedModel:
 
 
 def load_exported(path: str | os.PathLike) -> ExportedModel:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file not found: {path} (give the exported model.pt of a train stage)")
     extra = {META: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

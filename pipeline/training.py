@@ -61,6 +61,7 @@ class EpochReport:
     train_loss: float
     dev_wer: float
     dev_cer: float
+    dev_loss: float
     lr: float
     grad_norm: float
     seconds: float
@@ -187,23 +188,27 @@ def _unwrap(model: nn.Module) -> ASRModel:
 
 
 @torch.no_grad()
-def dev_error_counts(model: nn.Module, data: FeatureDataset, batch_size: int, rank: int = 0, world: int = 1) -> tuple[int, int, int, int]:
-    """(word errors, reference words, char errors, reference chars) over this rank's share of ``data``."""
+def dev_error_counts(model: nn.Module, data: FeatureDataset, batch_size: int, rank: int = 0, world: int = 1) -> tuple[float, ...]:
+    """(word errors, reference words, char errors, reference chars, CTC loss sum, utterances)
+    over this rank's share of ``data``."""
     was_training = model.training
     model.eval()
     batches = make_batches(data.frames(), batch_size, 0, 0, shuffle=False)[rank::world]
-    totals = [0, 0, 0, 0]
+    totals = [0.0] * 6
     device = next(model.parameters()).device
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True, reduction="sum")
     for idx in batches:
-        x, lengths, _, _ = collate(data, idx)
+        x, lengths, y, ylens = collate(data, idx)
         log_probs, out_lengths = model(x.to(device), lengths.to(device))
+        totals[4] += float(ctc(log_probs.transpose(0, 1).float(), y.to(device), out_lengths, ylens.to(device)))
+        totals[5] += len(idx)
         best = log_probs.argmax(-1).cpu().tolist()
         hyps = [decode_ids(ids[:n]) for ids, n in zip(best, out_lengths.cpu().tolist())]
         for counts in score_pairs([data.text(i) for i in idx], hyps):
             for k in range(4):
                 totals[k] += counts[k]
     model.train(was_training)
-    return totals[0], totals[1], totals[2], totals[3]
+    return tuple(totals)
 
 
 def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = None, var: np.ndarray | None = None) -> ASRModel:
@@ -306,11 +311,11 @@ def train_model(
             done_batches += 1
             if stop_after_batches is not None and done_batches >= stop_after_batches:
                 raise KeyboardInterrupt(f"simulated crash after {done_batches} batches")
-        errs, words, cerrs, chars = dev_error_counts(model, dev_set, train_cfg.batch_size, rank, world)
-        totals = torch.tensor([errs, words, cerrs, chars, loss_sum, n_loss, n_utts], dtype=torch.float64)
+        dev = dev_error_counts(model, dev_set, train_cfg.batch_size, rank, world)
+        totals = torch.tensor([*dev, loss_sum, n_loss, n_utts], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
-        errs, words, cerrs, chars, loss_sum, n_loss, n_utts = totals.tolist()
+        errs, words, cerrs, chars, dev_loss_sum, dev_n, loss_sum, n_loss, n_utts = totals.tolist()
         dev_wer = errs / words if words else math.nan
         seconds = time.perf_counter() - t0
         schedule.epoch_end(dev_wer)
@@ -319,6 +324,7 @@ def train_model(
             train_loss=loss_sum / max(1, n_loss),
             dev_wer=dev_wer,
             dev_cer=cerrs / chars if chars else math.nan,
+            dev_loss=dev_loss_sum / dev_n if dev_n else math.nan,
             lr=optimizer.param_groups[0]["lr"],
             grad_norm=grad_norm,
             seconds=seconds,

@@ -19,12 +19,37 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     from pipeline.features import extract_features
     from pipeline.ingest import ingest
     from pipeline.proxy import sample_proxy
+    from pipeline.trainer import train_full
 
     return [
         ("ingest", lambda ctx, progress: ingest(ctx, progress=progress)),
         ("features", lambda ctx, progress: extract_features(ctx, progress=progress)),
         ("proxy", lambda ctx, progress: sample_proxy(ctx)),
+        ("train", lambda ctx, progress: train_full(ctx)),
+        ("golden", lambda ctx, progress: evaluate_golden(ctx)),
     ]
+
+
+def evaluate_golden(ctx: RunContext) -> dict[str, Any]:
+    """Golden-set WER of the run's trained model (the gate compares it with production)."""
+    from pipeline.evaluation import evaluate_model
+    from pipeline.export import load_exported
+    import tempfile
+
+    golden = join("golden", ctx.config.demo.golden_version, "manifest.jsonl")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/model.pt"
+        ctx.store.download_file(ctx.stage_key("train", "model.pt"), path)
+        result = evaluate_model(load_exported(path), ctx.store, golden)
+    summary = result.summary()
+    return {
+        "golden": ctx.store.uri(golden),
+        "wer": round(summary["wer"], 4),
+        "cer": round(summary["cer"], 4),
+        "n_utts": summary["n_utts"],
+        "rtf": round(summary["rtf"], 4),
+        "per_speaker_wer": {k.split(":", 1)[1]: round(v["wer"], 4) for k, v in summary["per_group"].items() if k.startswith("speaker:")},
+    }
 
 
 def run_weekly(ctx: RunContext, *, progress: bool = True, echo: bool = False) -> dict[str, Any]:

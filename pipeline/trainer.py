@@ -1,0 +1,184 @@
+"""Full training of one configuration through Ray Train's ``TorchTrainer`` (DDP).
+
+The stage ``train`` trains on the run's whole feature set (the training pool minus a
+seeded dev split, ``train.dev_fraction``), with ``train.num_workers`` DDP workers (gloo
+on CPU, NCCL on GPU), ``FailureConfig(max_failures)`` so a lost worker restarts from the
+last checkpoint, and rank 0 alone checkpointing. The experiment lives in the run's work
+area, so a retried stage resumes from its last checkpoint. The best epoch by dev WER is
+exported (``runs/{run_id}/train/model.pt``) with ``metrics.json`` and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.run import RunContext
+
+STAGE = "train"
+STATE_FILE = "state.pt"
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: load features, call the one training loop."""
+    import ray.train
+
+    from pipeline.config import Config
+    from pipeline.dataset import IndexedFeatures
+    from pipeline.features import FeatureStore
+    from pipeline.storage import open_store
+    from pipeline.training import train_model
+
+    torch.set_num_threads(int(loop_config.get("threads", 1)))
+    config = Config.model_validate(loop_config["config"])
+    store = open_store(loop_config["root"], config.storage)
+    fs = FeatureStore(store, loop_config["index"])
+    train_set = IndexedFeatures(fs, loop_config["train_idx"])
+    dev_set = IndexedFeatures(fs, loop_config["dev_idx"])
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def report(rep, state):
+        metrics = rep.metrics()
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    train_model(
+        ModelConfig.model_validate(loop_config["model"]),
+        TrainConfig.model_validate(loop_config["train"]),
+        train_set,
+        dev_set,
+        n_mels=fs.n_mels,
+        feature_mean=fs.mean,
+        feature_var=fs.var,
+        resume=resume,
+        report=report,
+    )
+
+
+def resolve_hparams(config: Config, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainConfig]:
+    """Model and train settings from config, with a search winner's keys laid on top."""
+    overrides = overrides or {}
+    model_keys = set(ModelConfig.model_fields)
+    train_keys = set(TrainConfig.model_fields)
+    unknown = set(overrides) - model_keys - train_keys - {"n_mels", "win_ms", "hop_ms"}
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)}: not fields of model: or train:")
+    model = ModelConfig.model_validate({**config.model.model_dump(), **{k: v for k, v in overrides.items() if k in model_keys}})
+    train = TrainConfig.model_validate({**config.train.model_dump(), **{k: v for k, v in overrides.items() if k in train_keys}})
+    return model, train
+
+
+def train_full(
+    ctx: RunContext,
+    *,
+    hparams: dict[str, Any] | None = None,
+    features_stage: str = "features",
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """Stage ``train``: DDP training of ``hparams`` (default: the config's) on the run's features."""
+    return ctx.run_stage(STAGE, lambda: _train(ctx, hparams, features_stage, epochs))
+
+
+def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str, epochs: int | None) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.compute import ensure_ray, ray_storage
+    from pipeline.dataset import split_by_utterance
+    from pipeline.export import export_model
+    from pipeline.features import load_feature_index
+    from pipeline.training import load_checkpoint_model
+
+    config = ctx.config
+    model_cfg, train_cfg = resolve_hparams(config, hparams)
+    if epochs is not None:
+        train_cfg = train_cfg.model_copy(update={"epochs": epochs})
+    index = load_feature_index(ctx.store, ctx.run_id, stage=features_stage)
+    train_idx, dev_idx = split_by_utterance(index["utterances"], train_cfg.dev_fraction, train_cfg.seed)
+    ensure_ray(config)
+    storage_path, storage_fs = ray_storage(ctx, STAGE)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "root": ctx.store.root,
+            "index": index,
+            "train_idx": train_idx,
+            "dev_idx": dev_idx,
+            "model": model_cfg.model_dump(),
+            "train": train_cfg.model_dump(),
+            "threads": max(1, (os.cpu_count() or 1) // train_cfg.num_workers),
+        },
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
+        run_config=RunConfig(
+            name="ddp",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"full training failed: {result.error}")
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: (cm[1]["dev_wer"], -cm[1]["epoch"]))
+    if not ranked:
+        raise RuntimeError("full training reported no checkpoint")
+    best_ckpt, best_metrics = ranked[0]
+    with best_ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    model = load_checkpoint_model(state)
+    history = state["history"]
+    # the latest checkpoint holds the whole history (the best one only up to its epoch)
+    latest = max(result.best_checkpoints, key=lambda cm: cm[1]["epoch"])
+    with latest[0].as_directory() as d:
+        history = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from pipeline.frontend import settings_hash
+
+        meta = {
+            "run_id": ctx.run_id,
+            "pool_version": index.get("pool_version"),
+            "model": model_cfg.model_dump(),
+            "train": train_cfg.model_dump(),
+            "best_epoch": best_metrics["epoch"],
+            "dev_wer": best_metrics["dev_wer"],
+            "frontend_hash": settings_hash(index["frontend"]),
+        }
+        path = export_model(model, index["frontend"], Path(tmp) / "model.pt", meta)
+        ctx.store.upload_file(ctx.stage_key(STAGE, "model.pt"), path)
+    metrics = {
+        "best_epoch": best_metrics["epoch"],
+        "dev_wer": best_metrics["dev_wer"],
+        "dev_cer": best_metrics["dev_cer"],
+        "epochs": len(history),
+        "n_train": len(train_idx),
+        "n_dev": len(dev_idx),
+        "workers": train_cfg.num_workers,
+        "wall_s": round(wall, 2),
+        "train_s": round(sum(h["seconds"] for h in history), 2),
+        "pool_version": index.get("pool_version"),
+    }
+    ctx.store.put_text(ctx.stage_key(STAGE, "metrics.json"), json.dumps(metrics, indent=2))
+    ctx.store.put_text(ctx.stage_key(STAGE, "history.json"), json.dumps(history, indent=2))
+    ctx.store.put_text(ctx.stage_key(STAGE, "hparams.json"), json.dumps({"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}, indent=2))
+    return {**metrics, "model": ctx.store.uri(ctx.stage_key(STAGE, "model.pt"))}
