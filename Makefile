@@ -27,6 +27,7 @@ check-system:
 	  echo "asr-retune: '$(PYTHON)' is not Python 3.11 (it is $$($(PYTHON) -V 2>&1)). Pass PYTHON=/path/to/python3.11." >&2; exit 1; }
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
 	  echo "asr-retune: the venv module is missing for $(PYTHON). Debian/Ubuntu: apt-get install python3.11-venv." >&2; exit 1; }
+	@bash tools/check-system.sh
 
 # .venv is (re)installed when missing or when pyproject.toml changed (the stamp names its hash).
 $(STAMP): pyproject.toml | check-system
