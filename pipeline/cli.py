@@ -73,6 +73,12 @@ def cmd_proxy(args: argparse.Namespace) -> dict[str, Any]:
     return sample_proxy(_context(args), fraction=args.fraction, seed=args.seed)
 
 
+def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.search import search
+
+    return search(_context(args), trials=args.trials, budget_s=args.budget, progress=not args.quiet)
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.trainer import train_full
 
@@ -153,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="share of the pool in the proxy (default: proxy.fraction)")
     p.add_argument("--seed", type=int, help="sampling seed (default: proxy.seed)")
     p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser(
+        "search",
+        help="Ray Tune ASHA + Optuna TPE search on the run's proxy set; writes runs/RUN_ID/search/best_config.json",
+        description="Trials train on the proxy and report dev WER every epoch; ASHA stops weak ones early. "
+        "Re-running a run id whose search was interrupted restores the experiment (Tuner.restore).",
+    )
+    _common(p, run=True)
+    p.add_argument("--trials", type=int, help="number of trials (default: search.trials)")
+    p.add_argument("--budget", type=float, metavar="SECONDS", help="wall-clock budget (default: search.budget_s)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
         "train",

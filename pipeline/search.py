@@ -71,11 +71,12 @@ def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     last_epoch = int(resume["epoch"]) if resume else 0
+    resumed_from = last_epoch  # > 0: this attempt continues a preempted one from its checkpoint
 
     def report(rep, state):
         nonlocal last_epoch
         last_epoch = rep.epoch
-        metrics = {**rep.metrics(), "diverged": False}
+        metrics = {**rep.metrics(), "diverged": False, "resumed_from": resumed_from, "pid": os.getpid()}
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -246,6 +247,7 @@ def _leaderboard(results, max_epochs: int, metric: str = "dev_wer") -> list[dict
                 "stop_reason": status if status != "error" else f"error: {str(r.error).splitlines()[0][:200]}",
                 "curve": curve,
                 "metric_curve": metric_curve,
+                "resumed_from": sorted({int(v) for v in df["resumed_from"] if v == v and v > 0}) if df is not None and "resumed_from" in df else [],
                 "trial_seconds": float(sum(df["seconds"])) if df is not None and "seconds" in df else 0.0,
             }
         )

@@ -88,14 +88,14 @@ def train_full(
     ctx: RunContext,
     *,
     hparams: dict[str, Any] | None = None,
-    features_stage: str = "features",
+    features_stage: str | None = None,
     epochs: int | None = None,
 ) -> dict[str, Any]:
     """Stage ``train``: DDP training of ``hparams`` (default: the config's) on the run's features."""
     return ctx.run_stage(STAGE, lambda: _train(ctx, hparams, features_stage, epochs))
 
 
-def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str, epochs: int | None) -> dict[str, Any]:
+def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str | None, epochs: int | None) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -105,8 +105,16 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str,
     from pipeline.features import load_feature_index
     from pipeline.training import load_checkpoint_model
 
+    from pipeline.features import extract_features, name_features_stage
+
     config = ctx.config
     model_cfg, train_cfg = resolve_hparams(config, hparams)
+    if features_stage is None:
+        # the winner may have chosen another front end (n_mels/win_ms/hop_ms): train on its features
+        fe = config.features.model_copy(update={k: v for k, v in (hparams or {}).items() if k in ("n_mels", "win_ms", "hop_ms")})
+        features_stage = name_features_stage(ctx, fe)
+        if not ctx.is_complete(features_stage):
+            extract_features(ctx, progress=False, frontend=fe)
     if epochs is not None:
         train_cfg = train_cfg.model_copy(update={"epochs": epochs})
     index = load_feature_index(ctx.store, ctx.run_id, stage=features_stage)

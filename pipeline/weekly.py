@@ -19,13 +19,15 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     from pipeline.features import extract_features
     from pipeline.ingest import ingest
     from pipeline.proxy import sample_proxy
+    from pipeline.search import load_best_config, search
     from pipeline.trainer import train_full
 
     return [
         ("ingest", lambda ctx, progress: ingest(ctx, progress=progress)),
         ("features", lambda ctx, progress: extract_features(ctx, progress=progress)),
         ("proxy", lambda ctx, progress: sample_proxy(ctx)),
-        ("train", lambda ctx, progress: train_full(ctx)),
+        ("search", lambda ctx, progress: search(ctx, progress=progress)),
+        ("train", lambda ctx, progress: train_full(ctx, hparams=load_best_config(ctx))),
         ("golden", lambda ctx, progress: evaluate_golden(ctx)),
     ]
 

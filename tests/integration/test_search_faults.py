@@ -1,0 +1,121 @@
+"""Spot preemption and driver crashes during the search: trials resume, the stage restores."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from run_factory import make_proxy_run
+
+pytestmark = pytest.mark.integration
+
+
+def _trial_results(ctx) -> dict[str, list[dict]]:
+    """Per trial directory, the results it reported so far (Tune's result.json lines)."""
+    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
+    out = {}
+    for path in glob.glob(str(base / "*" / "result.json")):
+        rows = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line being written
+        out[os.path.dirname(path)] = rows
+    return out
+
+
+def test_preempted_trial_resumes_from_its_checkpoint(tmp_path):
+    from pipeline.search import search
+
+    # no early stopping (grace = max) so every trial runs 4 epochs and can be preempted mid-run
+    ctx = make_proxy_run(tmp_path, "preempt", trials=2, max_epochs=4, grace_period=4, max_failures=2)
+    killed: dict = {}
+
+    def preempt():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            for trial, rows in _trial_results(ctx).items():
+                if len(rows) == 1 and rows[0].get("pid"):
+                    killed.update(trial=trial, pid=rows[0]["pid"], epoch=rows[0]["epoch"])
+                    os.kill(int(rows[0]["pid"]), signal.SIGKILL)  # the spot node vanishes
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=preempt, daemon=True)
+    watcher.start()
+    try:
+        summary = search(ctx, progress=False)
+    finally:
+        watcher.join(5)
+        import ray
+
+        ray.shutdown()
+    assert killed, "no trial was preempted"
+    board = json.loads(ctx.store.get_text("runs/preempt/search/leaderboard.json"))
+    assert summary["statuses"]["error"] == 0 and len(board) == 2
+    victim = next(r for r in board if r["trial_id"] and r["trial_id"] in os.path.basename(killed["trial"]))
+    assert victim["status"] == "completed" and victim["epochs"] == 4
+    # it restarted from the checkpoint of the epoch it had reported: at most that epoch's remainder was lost
+    assert victim["resumed_from"] == [killed["epoch"]]
+    assert [e for e, _ in victim["curve"]] == [1, 2, 3, 4]
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from pipeline.config import Config
+    from pipeline.run import RunContext
+    from pipeline.search import search
+    from pipeline.storage import open_store
+    config = Config.model_validate(json.loads(sys.argv[1]))
+    ctx = RunContext(run_id=sys.argv[3], config=config, store=open_store(sys.argv[2]))
+    search(ctx, progress=False)
+    """
+)
+
+
+def test_crashed_driver_rerun_restores_the_experiment(tmp_path):
+    from pipeline.search import search
+
+    ctx = make_proxy_run(tmp_path, "crash", trials=4, max_epochs=3, grace_period=3, max_concurrent=1)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, ctx.config.model_dump_json(), ctx.store.root, ctx.run_id],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        done_before = {}
+        while time.time() < deadline:
+            results = _trial_results(ctx)
+            finished = {t: rows for t, rows in results.items() if rows and rows[-1].get("epoch") == 3}
+            if finished and any(len(r) >= 1 for t, r in results.items() if t not in finished):
+                done_before = {t: len(r) for t, r in finished.items()}
+                break
+            assert driver.poll() is None, "the driver ended before it could be crashed"
+            time.sleep(0.1)
+        assert done_before, "no trial finished before the deadline"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's machine dies, with its local Ray
+        driver.wait(30)
+    assert not ctx.is_complete("search")
+
+    summary = search(ctx, progress=False)  # the retried stage
+    import ray
+
+    ray.shutdown()
+    assert summary["restored"] is True
+    assert summary["trials"] == 4  # the experiment went on; it did not start 4 new trials
+    after = _trial_results(ctx)
+    for trial, n in done_before.items():
+        assert len(after[trial]) == n, "a finished trial was trained again"
