@@ -134,6 +134,10 @@ def warm_start_points(
     if production_hparams:
         points.append(filter_point(space, production_hparams))
         sources.append("production")
+    else:  # cold start: the configured default stands in for production's configuration
+        cfg = ctx.config
+        points.append(filter_point(space, {**cfg.features.model_dump(), **cfg.model.model_dump(), **cfg.train.model_dump()}))
+        sources.append("config-default")
     earlier = [
         (t["best_dev_wer"], entry["run_id"], t["config"])
         for entry in read_history(ctx)
@@ -141,7 +145,7 @@ def warm_start_points(
         for t in entry.get("top", [])
     ]
     for wer, run_id, cfg in sorted(earlier, key=lambda x: x[0]):
-        if len(points) >= ctx.config.search.warm_start_top_k + bool(production_hparams):
+        if len(points) >= ctx.config.search.warm_start_top_k + 1:
             break
         point = filter_point(space, cfg)
         if point and point not in points:

@@ -51,4 +51,4 @@ def test_search_stops_weak_trials_and_tracks_everything(proxy_run):
 
     ctx2 = RunContext(run_id="search-2", config=ctx.config, store=ctx.store)
     points, sources = warm_start_points(ctx2, load_space(ctx.config.search.space_path()), None)
-    assert len(points) == 1 and sources[0].startswith("run:search-1")
+    assert len(points) == 2 and sources[0] == "config-default" and sources[1].startswith("run:search-1")
