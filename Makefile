@@ -11,13 +11,14 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut 
 FSDD   ?= ../shared/data/fsdd
 PYTEST_ARGS ?=
 
-.PHONY: help setup check-system demo test test-slow bench clean
+.PHONY: help setup check-system demo test test-slow bench clean lint
 
 help:
 	@echo "make demo    set up .venv, build the demo corpus, run the weekly pipeline (embedded default)"
 	@echo "make test    set up .venv, run the test suite (CI runs this)"
 	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"
 	@echo "make test-slow   run the slow scenarios (pytest -m slow)"
+	@echo "make lint    static checks of docker/ infra/ configs/ (hadolint, yamllint, kubernetes-validate, CRD schemas, checkov); tools in .venv-lint"
 	@echo "make clean   remove the local store (.asr-retune/); keeps .venv"
 
 check-system:
@@ -53,6 +54,9 @@ test-slow: setup
 bench: setup
 	@mkdir -p .asr-retune
 	$(BIN)/python tests/benchmarks/run_all.py
+
+lint: check-system
+	bash tools/lint.sh
 
 clean:
 	rm -rf .asr-retune
