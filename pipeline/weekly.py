@@ -80,24 +80,29 @@ def _echo_summary(name: str, summary: dict[str, Any]) -> None:
 
 
 def run_demo(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
-    """Build the demo corpus if it is not there yet, then run the weekly pipeline once."""
-    from pipeline.corpus import build_demo_corpus
+    """The demo: for each of ``demo.weeks`` weeks, write that week's drop, then run the weekly
+    pipeline on it (run id ``demo__week-NNN``). A week whose run finished is skipped, so a
+    second ``make demo`` returns at once (``make clean`` starts over)."""
+    from pipeline.corpus import build_demo_corpus, drop_id_for_week
 
     store = open_store(root, config.storage)
     golden = join("golden", config.demo.golden_version, "manifest.jsonl")
-    result: dict[str, Any] = {}
-    if store.exists(golden):
-        result["corpus"] = {"skipped": True, "reason": f"{store.uri(golden)} exists (make clean to rebuild)"}
-    else:
+    result: dict[str, Any] = {"root": store.root, "weeks": []}
+    for week in range(1, config.demo.weeks + 1):
+        drop = drop_id_for_week(week)
+        if not store.exists(join("incoming", drop, "manifest.jsonl")):
+            if echo:
+                print(f"== week {week}: writing drop {drop} (and the golden set) under {store.root} ==", flush=True)
+            build_demo_corpus(store, config.demo, config.audio.sample_rate, weeks=week, progress=progress)
+        ctx = RunContext(run_id=f"demo__{drop}", config=config, store=store)
         if echo:
-            print(f"== demo corpus -> {store.root} ==", flush=True)
-        result["corpus"] = build_demo_corpus(store, config.demo, config.audio.sample_rate, progress=progress)
+            print(f"\n######## weekly run {ctx.run_id} ########", flush=True)
+        run = run_weekly(ctx, progress=progress, echo=echo)
+        result["weeks"].append(run)
+        if echo:
+            print(f"results of run {ctx.run_id}: {store.uri(ctx.stage_prefix(''))}")
     if echo:
-        print(f"  incoming drops: {store.uri('incoming')}\n  golden set:     {store.uri(golden)}")
-    ctx = RunContext(run_id=new_run_id().replace("cli__", "demo__"), config=config, store=store)
-    result["run"] = run_weekly(ctx, progress=progress, echo=echo)
-    result["results"] = store.uri(ctx.stage_prefix(""))
-    if echo:
-        print(f"\nresults of run {ctx.run_id}: {result['results']}")
-        print(f"training pool and caches:    {store.uri('state')}")
+        print(f"\nincoming drops:           {store.uri('incoming')}")
+        print(f"golden set:               {store.uri(golden)}")
+        print(f"training pool and caches: {store.uri('state')}")
     return result
