@@ -97,7 +97,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     config = load_config(args.config)
     store = open_store(args.root, config.storage)
-    result = evaluate(args.model, args.manifest, store, batch_size=args.batch_size, storage_config=config.storage)
+    result = evaluate(
+        args.model, args.manifest, store, batch_size=args.batch_size, storage_config=config.storage, mlflow_config=config.mlflow
+    )
     if not args.json:
         groups = result.pop("per_group")
         result["per_group"] = {k: f"{v['wer']:.3f} ({v['n_utts']} utts)" for k, v in groups.items()}
@@ -108,6 +110,36 @@ def cmd_transcribe(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.evaluation import transcribe_files
 
     return transcribe_files(args.model, args.files)
+
+
+def cmd_gate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.gate import gate
+
+    return gate(_context(args), candidate_key=args.candidate, force_reason=args.force_reason, actor=args.actor)
+
+
+def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.registry import register
+
+    return register(_context(args), actor=args.actor)
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.registry import promote
+
+    return promote(_context(args), args.version, reason=args.reason, actor=args.actor)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.registry import rollback
+
+    return rollback(_context(args), reason=args.reason, actor=args.actor)
+
+
+def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.registry import registry_history
+
+    return registry_history(_context(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -187,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest",
     )
     _common(p)
-    p.add_argument("--model", required=True, help="exported model file (model.pt)")
+    p.add_argument("--model", required=True, help="exported model file (model.pt) or a registry URI: models:/asr@production, models:/asr/3")
     p.add_argument("--manifest", required=True, help="manifest: a path, file:// or s3:// URI, or a key under ROOT")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_evaluate)
@@ -197,6 +229,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model file (model.pt)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser(
+        "gate",
+        help="evaluate the run's candidate and the production model on the golden set; write decision.json and report.html",
+        description="Rules (gate: in the config): WER ceiling, paired-bootstrap ΔWER vs production, worst group, "
+        "real-time factor. Cold start (no production model): absolute rules only.",
+    )
+    _common(p)
+    p.add_argument("--run-id", metavar="ID", required=True, help="the run whose candidate (runs/ID/train/model.pt) is gated")
+    p.add_argument("--candidate", metavar="KEY", help="another candidate: a store key or a local .pt file")
+    p.add_argument("--force-reason", metavar="TEXT", help="force a pass (recorded in decision, report and registry); never the default")
+    p.add_argument("--actor", metavar="WHO", help="who is acting (default: $ASR_RETUNE_ACTOR or the login name)")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("register", help="register the run's gated candidate in MLflow (one version per run), alias challenger")
+    _common(p)
+    p.add_argument("--run-id", metavar="ID", required=True, help="the run whose gate passed")
+    p.add_argument("--actor", metavar="WHO")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="move alias production to a registered version (recorded: when, who, why, from, to)")
+    _common(p)
+    p.add_argument("--version", required=True, help="registered model version")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p.add_argument("--actor", metavar="WHO")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move alias production back to the previous production version")
+    _common(p)
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p.add_argument("--actor", metavar="WHO")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("history", help="every move of the registry aliases (when, who, why, from, to) and where they point now")
+    _common(p)
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(
         "demo",

@@ -201,6 +201,28 @@ class SearchConfig(_Section):
         return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+class GateConfig(_Section):
+    """Gate thresholds (wanted as ``gate:`` in config.py; WERs are fractions, 0.05 = 5 points)."""
+
+    golden_version: str | None = Field(None, description="golden set version; default demo.golden_version")
+    max_wer: float = Field(0.40, gt=0, description="absolute ceiling on the candidate's golden-set WER")
+    mode: Literal["improve", "non-regression"] = "improve"
+    min_improvement: float = Field(
+        0.001, ge=0, description="improve: CI upper bound of ΔWER <= -min_improvement (> 0: a copy of production fails)"
+    )
+    tolerance: float = Field(0.005, ge=0, description="non-regression: CI upper bound of ΔWER <= +tolerance")
+    min_group_utts: int = Field(20, ge=1, description="groups with fewer utterances are shown, not checked")
+    group_tolerance: float = Field(0.03, ge=0, description="per group: CI upper bound of ΔWER <= this")
+    max_group_wer: float | None = Field(None, gt=0, description="optional absolute ceiling for every checked group")
+    max_rtf: float = Field(0.5, gt=0, description="real-time factor budget (model compute s / audio s)")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_resamples: int = Field(2000, ge=100, le=100000)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    report_top_utts: int = Field(15, ge=1, description="utterances whose errors changed most, in the report")
+    report_leaderboard_rows: int = Field(10, ge=1)
+
+
 class RayConfig(_Section):
     """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
 
@@ -212,6 +234,9 @@ class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///.asr-retune/mlflow.db"
     artifact_root: str = ".asr-retune/mlartifacts"
     registered_model: str = "asr"
+    experiment: str = "asr-retune"
+    model_cache: str = ".asr-retune/model-cache"
+    pip_requirements: list[str] = ["torch==2.11.0", "numpy", "pandas"]
 
 
 class Config(_Section):
@@ -224,6 +249,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     search: SearchConfig = SearchConfig()
+    gate: GateConfig = GateConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.audio import decode_audio, to_mono_resampled
 from pipeline.export import ExportedModel, load_exported
 from pipeline.manifest import Utterance, read_manifest, resolve_audio_key
-from pipeline.config import StorageConfig
+from pipeline.config import MlflowConfig, StorageConfig
 from pipeline.storage import ObjectStore, open_store
 from pipeline.text import normalize_text
 
@@ -185,9 +185,16 @@ def evaluate(
     *,
     batch_size: int = 16,
     storage_config: StorageConfig | None = None,
+    mlflow_config: MlflowConfig | None = None,
 ) -> dict[str, Any]:
-    """``asr-retune evaluate``: WER/CER/per-group/RTF of an exported model on a manifest."""
-    model = load_exported(model_ref)
+    """``asr-retune evaluate``: WER/CER/per-group/RTF of an exported model (a file or a
+    ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` registry URI) on a manifest."""
+    path = model_ref
+    if model_ref.startswith("models:/"):
+        from pipeline.registry import resolve_model_uri
+
+        path = str(resolve_model_uri(model_ref, mlflow_config or MlflowConfig()))
+    model = load_exported(path)
     mstore, key = open_manifest(manifest_ref, store, storage_config)
     result = evaluate_model(model, mstore, key, batch_size=batch_size)
     return {"model": str(model_ref), "manifest": mstore.uri(key), **result.summary()}

@@ -19,6 +19,8 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     from pipeline.features import extract_features
     from pipeline.ingest import ingest
     from pipeline.proxy import sample_proxy
+    from pipeline.gate import gate
+    from pipeline.registry import register
     from pipeline.search import load_best_config, search
     from pipeline.trainer import train_full
 
@@ -28,7 +30,8 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
         ("proxy", lambda ctx, progress: sample_proxy(ctx)),
         ("search", lambda ctx, progress: search(ctx, progress=progress)),
         ("train", lambda ctx, progress: train_full(ctx, hparams=load_best_config(ctx))),
-        ("golden", lambda ctx, progress: evaluate_golden(ctx)),
+        ("gate", lambda ctx, progress: gate(ctx)),
+        ("register", lambda ctx, progress: register(ctx) if ctx.summary("gate")["passed"] else {"registered": False, "reason": "gate failed"}),
     ]
 
 
@@ -100,6 +103,10 @@ def run_demo(config: Config, *, root: str | None = None, progress: bool = True, 
         run = run_weekly(ctx, progress=progress, echo=echo)
         result["weeks"].append(run)
         if echo:
+            g = run["stages"].get("gate", {})
+            print(f"\ngate decision for {ctx.run_id}: {'PASSED' if g.get('passed') else 'FAILED'}"
+                  f" (candidate WER {g.get('candidate_wer')}, production WER {g.get('production_wer')})")
+            print(f"on-call report: {g.get('report_uri')}")
             print(f"results of run {ctx.run_id}: {store.uri(ctx.stage_prefix(''))}")
     if echo:
         print(f"\nincoming drops:           {store.uri('incoming')}")

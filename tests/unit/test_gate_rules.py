@@ -1,0 +1,220 @@
+"""Gate rules as pure functions of per-utterance error counts (no models, no MLflow)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.evaluation import UttScore
+from pipeline.gate import GateConfig, check_force_reason, decide, read_cohorts
+
+GROUPS = ("USA/neutral", "DEU/German", "BEL/French", "GRC/Greek")
+WORDS = 5
+
+
+def utts(rates: dict[str, float], *, per_group: int = 40, seed: int = 0, hyp: str = "h") -> list[UttScore]:
+    """``per_group`` utterances per accent group (two speakers each) of 5 words, with errors drawn
+    per utterance as Binomial(5, rate of the group): a realistic, noisy per-utterance profile."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for gi, group in enumerate(GROUPS):
+        for i in range(per_group):
+            e = int(rng.binomial(WORDS, rates[group]))
+            out.append(UttScore(f"u{gi}-{i:03d}", f"spk{gi}{i % 2}", group, "one two three four five", hyp, e, WORDS, e, 20))
+    return out
+
+
+def uniform(rate: float) -> dict[str, float]:
+    return {g: rate for g in GROUPS}
+
+
+CFG = GateConfig(max_wer=0.5, min_group_utts=20, group_tolerance=0.03, max_rtf=0.5, bootstrap_resamples=1000)
+
+
+def rules(outcome) -> dict[str, dict]:
+    return {r["name"]: r for r in outcome.decision["rules"]}
+
+
+def test_worse_candidate_fails():
+    prod = utts(uniform(0.15), seed=1)
+    cand = utts(uniform(0.30), seed=2)
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    assert out.decision["passed"] is False
+    r = rules(out)
+    assert r["delta_wer"]["passed"] is False and r["delta_wer"]["ci_low"] > 0
+    assert "delta_wer" in out.decision["failing_rules"]
+    assert r["wer_ceiling"]["passed"] is True  # 30 % is under the 50 % ceiling: the relative rule caught it
+
+
+def test_better_candidate_passes():
+    prod = utts(uniform(0.30), seed=1)
+    cand = utts(uniform(0.12), seed=2)
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    assert out.decision["passed"] is True, out.decision["failing_rules"]
+    assert out.decision["failing_rules"] == []
+    r = rules(out)
+    assert r["delta_wer"]["ci_high"] < 0
+    assert set(r) == {"wer_ceiling", "rtf_budget", "coverage", "delta_wer", "worst_group"}
+    assert out.decision["cold_start"] is False and out.decision["forced"] is False
+    assert out.bootstrap is not None and len(out.bootstrap["samples"]) == CFG.bootstrap_resamples
+
+
+def test_better_on_average_but_much_worse_for_one_group_fails_worst_group():
+    prod = utts({"USA/neutral": 0.30, "DEU/German": 0.30, "BEL/French": 0.30, "GRC/Greek": 0.10}, seed=1)
+    cand = utts({"USA/neutral": 0.08, "DEU/German": 0.08, "BEL/French": 0.08, "GRC/Greek": 0.35}, seed=2)
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    r = rules(out)
+    assert r["delta_wer"]["passed"] is True and r["delta_wer"]["delta"] < 0  # better on average
+    assert r["worst_group"]["passed"] is False
+    assert out.decision["failing_rules"] == ["worst_group"]
+    assert out.decision["passed"] is False
+    failing = set(r["worst_group"]["failing_groups"])
+    assert "group:GRC/Greek" in failing and {"speaker:spk30", "speaker:spk31"} <= failing
+    assert r["worst_group"]["group"] in failing
+    greek = next(g for g in out.decision["groups"] if g["key"] == "group:GRC/Greek")
+    assert greek["checked"] and greek["passed"] is False and greek["ci_high"] > CFG.group_tolerance
+
+
+def test_small_groups_are_shown_not_checked():
+    prod = utts({"USA/neutral": 0.30, "DEU/German": 0.30, "BEL/French": 0.30, "GRC/Greek": 0.10}, seed=1)
+    cand = utts({"USA/neutral": 0.08, "DEU/German": 0.08, "BEL/French": 0.08, "GRC/Greek": 0.35}, seed=2)
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG.model_copy(update={"min_group_utts": 100}))
+    assert rules(out)["worst_group"]["passed"] is True
+    assert all(not g["checked"] for g in out.decision["groups"])
+
+
+def test_cold_start_passes_on_absolute_rules_alone():
+    cand = utts(uniform(0.2), seed=2)
+    out = decide(cand, None, candidate_rtf=0.05, cfg=CFG)
+    d = out.decision
+    assert d["passed"] is True and d["cold_start"] is True
+    assert {r["name"] for r in d["rules"]} == {"wer_ceiling", "rtf_budget"}
+    assert all(r["kind"] == "absolute" for r in d["rules"])
+    assert {s["name"] for s in d["skipped_rules"]} == {"coverage", "delta_wer", "worst_group"}
+    assert d["bootstrap"] is None and out.bootstrap is None
+
+
+def test_cold_start_still_fails_an_absolute_rule():
+    out = decide(utts(uniform(0.7), seed=2), None, candidate_rtf=0.05, cfg=CFG)
+    assert out.decision["passed"] is False and out.decision["failing_rules"] == ["wer_ceiling"]
+    out = decide(utts(uniform(0.1), seed=2), None, candidate_rtf=0.9, cfg=CFG)
+    assert out.decision["failing_rules"] == ["rtf_budget"]
+
+
+def test_optional_group_ceiling_is_an_absolute_rule():
+    cand = utts({"USA/neutral": 0.05, "DEU/German": 0.05, "BEL/French": 0.05, "GRC/Greek": 0.45}, seed=2)
+    out = decide(cand, None, candidate_rtf=0.05, cfg=CFG.model_copy(update={"max_group_wer": 0.3}))
+    r = rules(out)["group_wer_ceiling"]
+    assert r["passed"] is False and r["kind"] == "absolute"
+    assert r["group"] in ("group:GRC/Greek", "speaker:spk30", "speaker:spk31")
+
+
+def test_nan_wer_fails():
+    cand = [UttScore(f"u{i}", "s", "g", "", "", 0, 0, 0, 0) for i in range(30)]  # no reference words
+    out = decide(cand, None, candidate_rtf=0.05, cfg=CFG)
+    r = rules(out)["wer_ceiling"]
+    assert r["passed"] is False and r["value"] is None and "NaN" in r["detail"]
+    out = decide(utts(uniform(0.1)), None, candidate_rtf=math.nan, cfg=CFG)
+    assert rules(out)["rtf_budget"]["passed"] is False
+    json.dumps(out.decision, allow_nan=False)  # the decision file never holds NaN
+
+
+def test_nan_group_against_production_fails():
+    prod = utts(uniform(0.3), seed=1)
+    cand = utts(uniform(0.1), seed=2)
+    for u in prod + cand:  # one group has no reference words at all
+        if u.group == "GRC/Greek":
+            u.ref_words = 0
+            u.errors = 0
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    r = rules(out)["worst_group"]
+    assert r["passed"] is False and "NaN" in r["detail"]
+    json.dumps(out.decision, allow_nan=False)
+
+
+def test_group_production_had_but_candidate_lacks_fails():
+    prod = utts(uniform(0.3), seed=1)
+    cand = [u for u in utts(uniform(0.1), seed=2) if u.group != "GRC/Greek"]
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    r = rules(out)
+    assert r["coverage"]["passed"] is False and r["coverage"]["value"] == 40
+    assert r["worst_group"]["passed"] is False
+    assert "group:GRC/Greek" in r["worst_group"]["failing_groups"]
+    assert out.decision["passed"] is False
+
+
+def test_improve_vs_non_regression_modes():
+    prod = utts(uniform(0.2), seed=1)
+    same = utts(uniform(0.2), seed=1)  # identical per-utterance errors: ΔWER = 0, CI [0, 0]
+    improve = decide(same, prod, candidate_rtf=0.05, cfg=CFG)
+    assert rules(improve)["delta_wer"]["passed"] is False  # a copy of production is not an improvement
+    nonreg = decide(same, prod, candidate_rtf=0.05, cfg=CFG.model_copy(update={"mode": "non-regression", "tolerance": 0.005}))
+    assert rules(nonreg)["delta_wer"]["passed"] is True
+    assert nonreg.decision["passed"] is True and nonreg.decision["mode"] == "non-regression"
+    slightly_worse = utts(uniform(0.24), seed=2)
+    nonreg = decide(slightly_worse, prod, candidate_rtf=0.05, cfg=CFG.model_copy(update={"mode": "non-regression"}))
+    assert rules(nonreg)["delta_wer"]["passed"] is False
+
+
+def test_min_improvement_margin():
+    prod = utts(uniform(0.30), seed=1)
+    cand = utts(uniform(0.26), seed=2)
+    strict = decide(cand, prod, candidate_rtf=0.05, cfg=CFG.model_copy(update={"min_improvement": 0.10}))
+    r = rules(strict)["delta_wer"]
+    assert r["threshold"] == -0.10 and r["passed"] is False
+
+
+def test_bootstrap_is_seeded():
+    prod, cand = utts(uniform(0.3), seed=1), utts(uniform(0.25), seed=2)
+    a = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    b = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    assert a.decision["bootstrap"] == b.decision["bootstrap"]
+    c = decide(cand, prod, candidate_rtf=0.05, cfg=CFG.model_copy(update={"seed": 5}))
+    assert c.decision["bootstrap"]["ci_high"] != a.decision["bootstrap"]["ci_high"]
+
+
+def test_force_needs_a_reason_and_is_recorded():
+    prod, cand = utts(uniform(0.15), seed=1), utts(uniform(0.30), seed=2)
+    for bad in ("", "   ", "\n"):
+        with pytest.raises(ValueError, match="non-empty reason"):
+            decide(cand, prod, candidate_rtf=0.05, cfg=CFG, force_reason=bad)
+    with pytest.raises(ValueError):
+        check_force_reason("")
+    assert check_force_reason(None) is None
+    default = decide(cand, prod, candidate_rtf=0.05, cfg=CFG)
+    assert default.decision["forced"] is False and default.decision["passed"] is False  # never forced by default
+    forced = decide(cand, prod, candidate_rtf=0.05, cfg=CFG, force_reason=" hotfix for outage 42 ", forced_by="alice")
+    d = forced.decision
+    assert d["passed"] is True and d["forced"] is True and d["rules_passed"] is False
+    assert d["force_reason"] == "hotfix for outage 42" and d["forced_by"] == "alice"
+    assert "delta_wer" in d["failing_rules"]  # the rules still say what they found
+
+
+def test_seen_and_unseen_are_separate_groups():
+    prod, cand = utts(uniform(0.3), seed=1), utts(uniform(0.1), seed=2)
+    cohorts = {u.utt_id: ("unseen" if u.group == "GRC/Greek" else "seen") for u in prod}
+    out = decide(cand, prod, candidate_rtf=0.05, cfg=CFG, cohorts=cohorts)
+    keys = {g["key"]: g for g in out.decision["groups"]}
+    assert keys["cohort:seen"]["n_utts"] == 120 and keys["cohort:unseen"]["n_utts"] == 40
+    assert keys["cohort:unseen"]["checked"] is True
+
+
+def test_read_cohorts_from_golden_manifest():
+    text = "\n".join(json.dumps(r) for r in (
+        {"utt_id": "a", "seen": True}, {"utt_id": "b", "seen": False}, {"utt_id": "c"},
+    ))
+    assert read_cohorts(text) == {"a": "seen", "b": "unseen"}
+
+
+def test_gate_stage_refuses_an_empty_force_reason_before_any_work():
+    from pipeline.gate import gate
+
+    class NoCtx:  # any access would fail: the reason is checked first
+        def __getattr__(self, name):
+            raise AssertionError(f"touched ctx.{name}")
+
+    with pytest.raises(ValueError, match="non-empty reason"):
+        gate(NoCtx(), force_reason="  ")
