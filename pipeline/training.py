@@ -261,7 +261,7 @@ def train_model(
         history = [EpochReport(**h) for h in resume.get("history", [])]
         _set_rng(resume["rng"])
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # buffers are constants
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     done_batches = 0
     for epoch in range(start_epoch, epochs):
@@ -311,7 +311,8 @@ def train_model(
             done_batches += 1
             if stop_after_batches is not None and done_batches >= stop_after_batches:
                 raise KeyboardInterrupt(f"simulated crash after {done_batches} batches")
-        dev = dev_error_counts(model, dev_set, train_cfg.batch_size, rank, world)
+        # the bare module: a DDP forward is a collective, and ranks may hold different dev batch counts
+        dev = dev_error_counts(_unwrap(model), dev_set, train_cfg.batch_size, rank, world)
         totals = torch.tensor([*dev, loss_sum, n_loss, n_utts], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
