@@ -131,9 +131,39 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.canary import rollback_serving
     from pipeline.registry import rollback
 
-    return rollback(_context(args), reason=args.reason, actor=args.actor)
+    ctx = _context(args)
+    result: dict[str, Any] = {}
+    if not args.serving_only:
+        result = rollback(ctx, reason=args.reason, actor=args.actor)
+    if not args.registry_only:
+        result["serving"] = rollback_serving(ctx, to_version=result.get("to_version"))
+    return result
+
+
+def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.canary import deploy, deploy_registered
+    from pipeline.registry import promote
+
+    ctx = _context(args)
+    if not args.model_key and not args.version:
+        return deploy_registered(ctx, force=args.force)
+    return deploy(
+        ctx,
+        candidate_model_key=args.model_key or ctx.stage_key("train", "model.pt"),
+        version=args.version,
+        on_promote=lambda v: promote(ctx, v, reason=f"canary healthy in run {ctx.run_id}", actor="canary"),
+        force=args.force,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.canary import serving_status, stop_serving
+
+    config = load_config(args.config)
+    return serving_status(config) if args.action == "status" else stop_serving(config)
 
 
 def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,11 +286,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", metavar="WHO")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("rollback", help="move alias production back to the previous production version")
-    _common(p)
+    p = sub.add_parser(
+        "rollback",
+        help="move alias production back to the previous production version, and serve it again in TorchServe",
+    )
+    _common(p, run=True)
     p.add_argument("--reason", required=True, help="why (recorded)")
     p.add_argument("--actor", metavar="WHO")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--serving-only", action="store_true", help="restore the previous version in TorchServe/router without moving the alias")
+    only.add_argument("--registry-only", action="store_true", help="move the alias only; leave serving as it is")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "deploy",
+        help="canary the run's registered candidate through TorchServe + the router (5% -> 25% -> 100%); promote or roll back",
+        description="Outcome and every step's measurements in runs/RUN_ID/deploy/canary.json. "
+        "A healthy canary moves MLflow alias production (recorded); an unhealthy one leaves production untouched.",
+    )
+    _common(p, run=True)
+    p.add_argument("--model-key", metavar="KEY", help="store key of the exported candidate (default: runs/RUN_ID/train/model.pt)")
+    p.add_argument("--version", metavar="VERSION", help="serving version name (default: the run's registered MLflow version)")
+    p.add_argument("--force", action="store_true", help="run again although the run's deploy stage is complete")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("serve", help="status or stop of the local TorchServe + router")
+    _common(p)
+    p.add_argument("action", choices=["status", "stop"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("history", help="every move of the registry aliases (when, who, why, from, to) and where they point now")
     _common(p)

@@ -186,6 +186,8 @@ class SearchConfig(_Section):
     max_failures: int = Field(2, ge=0, description="per-trial retries from its last checkpoint (spot preemption)")
     seed: int = 0
     warm_start_top_k: int = Field(2, ge=0, le=50, description="best trials of earlier runs evaluated first")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo: no early stopping (a baseline)")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="random: Optuna's RandomSampler (a baseline)")
     metric: Literal["dev_wer", "dev_cer", "dev_loss"] = Field(
         "dev_wer", description="what ASHA and TPE minimize; dev_loss separates trials that all still output blanks"
     )
@@ -223,6 +225,12 @@ class GateConfig(_Section):
     report_leaderboard_rows: int = Field(10, ge=1)
 
 
+class OrchestrationConfig(_Section):
+    """Airflow settings the DAG reads at parse time (this file only: no store, Ray, MLflow or DB)."""
+
+    schedule: str = Field("0 3 * * 1", description="cron of the weekly run (UTC)")
+
+
 class RayConfig(_Section):
     """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
 
@@ -239,6 +247,9 @@ class MlflowConfig(_Section):
     pip_requirements: list[str] = ["torch==2.11.0", "numpy", "pandas"]
 
 
+from pipeline.serving.config import CanaryConfig, ServingConfig  # noqa: E402  (serving's own section models)
+
+
 class Config(_Section):
     storage: StorageConfig = StorageConfig()
     audio: AudioConfig = AudioConfig()
@@ -250,6 +261,9 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     search: SearchConfig = SearchConfig()
     gate: GateConfig = GateConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    serving: ServingConfig = ServingConfig()
+    canary: CanaryConfig = CanaryConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

@@ -174,7 +174,10 @@ def _build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], poin
     if restorable:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_fs), True
-    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
+    if s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
     searcher = OptunaSearch(
         space=functools.partial(suggest, space),
         metric=s.metric,
@@ -182,9 +185,14 @@ def _build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], poin
         points_to_evaluate=points or None,
         sampler=sampler,
     )
-    scheduler = ASHAScheduler(
-        time_attr="epoch", max_t=s.max_epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
-    )
+    if s.scheduler == "fifo":
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()
+    else:
+        scheduler = ASHAScheduler(
+            time_attr="epoch", max_t=s.max_epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+        )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -19,6 +19,7 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     from pipeline.features import extract_features
     from pipeline.ingest import ingest
     from pipeline.proxy import sample_proxy
+    from pipeline.canary import deploy_registered
     from pipeline.gate import gate
     from pipeline.registry import register
     from pipeline.search import load_best_config, search
@@ -32,6 +33,7 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
         ("train", lambda ctx, progress: train_full(ctx, hparams=load_best_config(ctx))),
         ("gate", lambda ctx, progress: gate(ctx)),
         ("register", lambda ctx, progress: register(ctx) if ctx.summary("gate")["passed"] else {"registered": False, "reason": "gate failed"}),
+        ("deploy", lambda ctx, progress: deploy_registered(ctx) if ctx.is_complete("register") else {"deployed": False, "reason": "nothing registered"}),
     ]
 
 
