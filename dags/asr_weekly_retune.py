@@ -82,10 +82,7 @@ FAULT_ENV = "ASR_RETUNE_TEST_FAIL_ONCE"
 
 # Parameters whose stage is not in this DAG yet, with their defaults: a run that sets one
 # to anything else gets a warning. Remove a name when its stage lands.
-INACTIVE_PARAMS: dict[str, Any] = {
-    "canary_steps": [5, 25, 100],
-    "skip_deploy": False,
-}
+INACTIVE_PARAMS: dict[str, Any] = {}
 
 _SAFE_RUN_ID = re.compile(r"[^A-Za-z0-9_.:+\-]")
 
@@ -251,16 +248,14 @@ params = {
         minItems=1,
         maxItems=10,
         title="Canary traffic steps (%)",
-        description="(not active yet: takes effect when the canary stage lands) "
-        "Traffic shares the new version gets, in order; the last one should be 100.",
+        description="Traffic shares the new version gets, in order; the last one should be 100.",
         section=SECTION_RELEASE,
     ),
     "skip_deploy": Param(
         False,
         type="boolean",
         title="Skip deploy",
-        description="(not active yet: takes effect when the deploy stage lands) "
-        "Register a passing model but do not deploy it.",
+        description="Register a passing model but do not deploy it (production keeps serving).",
         section=SECTION_RELEASE,
     ),
     "force_promote": Param(
@@ -426,7 +421,26 @@ def asr_weekly_retune():
                     ctx.run_id, ", ".join(failing) or "-", ctx.store.uri(ctx.stage_key("gate", "report.html")))
         return {"changed": False, "failing_rules": failing}
 
-    # ---- canary/deploy (skipped when skip_deploy) and promote land after register (issue #7).
+    @task(
+        task_id="deploy",
+        task_display_name="Canary on TorchServe; promote or roll back",
+        execution_timeout=dt.timedelta(hours=2),
+    )
+    def deploy(run_id: str, **context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline.canary import deploy_registered
+
+        p = context["params"]
+        if p.get("skip_deploy"):
+            raise AirflowSkipException("skip_deploy: registered, not deployed; production keeps serving")
+        ctx = _run_context(run_id)
+        if p.get("canary_steps"):
+            ctx.config.canary.steps = [float(x) for x in p["canary_steps"]]
+        with _fault_point(ctx, "deploy", context):
+            summary = deploy_registered(ctx)
+        return _for_xcom(summary)
+
 
     pooled = ingest(run_id=RUN_ID)
     feats = features(run_id=RUN_ID)
@@ -435,7 +449,9 @@ def asr_weekly_retune():
     candidate = train(run_id=RUN_ID, hparams=best["best_config"])
     decision = gate(run_id=RUN_ID)
     chain(pooled, feats, proxy_set, best, candidate, decision)
-    decide(decision) >> [register(run_id=RUN_ID), report_no_change(run_id=RUN_ID)]
+    registered = register(run_id=RUN_ID)
+    decide(decision) >> [registered, report_no_change(run_id=RUN_ID)]
+    registered >> deploy(run_id=RUN_ID)
 
 
 asr_weekly_retune()

@@ -8,30 +8,8 @@
 * :mod:`pipeline.serving.istio` -- ``IstioRouter`` (VirtualService weights via the Kubernetes API)
 * :mod:`pipeline.serving.config` -- ``ServingConfig`` / ``CanaryConfig``
 
-The canary itself (stage ``deploy``) is :mod:`pipeline.canary`. Importing this package does
-not import torch.
+The canary itself (stage ``deploy``) is :mod:`pipeline.canary`. Importing this package imports
+nothing else (``pipeline.config`` reads the section models from :mod:`pipeline.serving.config`
+at DAG parse time); import the submodules directly.
 """
 
-from pipeline.serving.archive import ArchiveError, ModelArchive, build_archive, verify_archive
-from pipeline.serving.backend import ServingBackend, ServingError, Upstream, VersionCounters, VersionInfo
-from pipeline.serving.config import CanaryConfig, IstioConfig, NginxConfig, ServingConfig
-from pipeline.serving.router import ROUTED_VERSION_HEADER, Router, RouterError
-
-__all__ = [
-    "ROUTED_VERSION_HEADER",
-    "ArchiveError",
-    "CanaryConfig",
-    "IstioConfig",
-    "ModelArchive",
-    "NginxConfig",
-    "Router",
-    "RouterError",
-    "ServingBackend",
-    "ServingConfig",
-    "ServingError",
-    "Upstream",
-    "VersionCounters",
-    "VersionInfo",
-    "build_archive",
-    "verify_archive",
-]

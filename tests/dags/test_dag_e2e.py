@@ -27,9 +27,9 @@ from dag_test_support import DAG_ID, PROJECT_ROOT, TINY, airflow_env
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))  # the airflow of this test environment
 FAULTS = "ingest:after,features:after,proxy:before"
 FAULTED = {"ingest", "features", "proxy"}
-ALL_TASKS = ["ingest", "features", "proxy", "search", "train", "gate", "decide", "register", "report_no_change"]
+ALL_TASKS = ["ingest", "features", "proxy", "search", "train", "gate", "decide", "register", "deploy", "report_no_change"]
 # one epoch on 40 utterances cannot pass the gate's WER ceiling: the branch reports no change
-EXPECTED_STATE = {t: "success" for t in ALL_TASKS} | {"register": "skipped"}
+EXPECTED_STATE = {t: "success" for t in ALL_TASKS} | {"register": "skipped", "deploy": "skipped"}
 CONF = {"proxy_fraction": 0.6, "epochs": 1}  # 40 utterances: the default 0.3 leaves no dev set
 # What a stage's summary says about the work it did (not about its outputs): differs on a retry.
 WORK_ACCOUNTING = {"compute_seconds", "elapsed_seconds", "computed", "reused", "computed_utts_per_s",
@@ -186,6 +186,9 @@ def test_retried_stages_produce_the_same_outputs_as_an_untroubled_run(e2e):
 
     troubled = _normalized_files(e2e["tmp"] / "store")
     untroubled = _normalized_files(reference)
+    # the search also cached the other front ends of its space; the reference ran no search
+    caches = {k.split("/")[2] for k in untroubled if k.startswith("state/features/")}
+    troubled = {k: v for k, v in troubled.items() if not k.startswith("state/features/") or k.split("/")[2] in caches}
     assert sorted(troubled) == sorted(untroubled)
     assert any(k.endswith("proxy/train.jsonl") for k in troubled)
     different = [k for k in troubled if troubled[k] != untroubled[k]]

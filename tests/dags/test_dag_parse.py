@@ -15,7 +15,7 @@ import pytest
 from dag_test_support import DAG_ID, DAGS_DIR, PROJECT_ROOT
 
 EXISTING_STAGES = ["ingest", "features", "proxy", "search", "train", "gate"]
-BRANCHES = ["decide", "register", "report_no_change"]
+BRANCHES = ["decide", "register", "deploy", "report_no_change"]
 ALL_TASKS = EXISTING_STAGES + BRANCHES
 COMPUTE_HEAVY = {"features", "search", "train", "gate"}
 PARSE_BUDGET_S = 2.0
@@ -93,7 +93,8 @@ def test_dagbag_parses_without_db_connection_or_network(tmp_path):
     assert result["dag_ids"] == [DAG_ID]
     assert result["attempts"] == [], f"network or DB access at parse time: {result['attempts']}"
     # only the light modules: no store, Ray, torch, MLflow or boto3 at parse time
-    assert set(result["new_modules"]) <= {"pipeline", "pipeline.alerts", "pipeline.config"}, result["new_modules"]
+    light = {"pipeline", "pipeline.alerts", "pipeline.config", "pipeline.serving", "pipeline.serving.config"}
+    assert set(result["new_modules"]) <= light, result["new_modules"]
     assert not never.exists(), "parsing the DAG touched the store"
     (parse_s,) = result["file_parse_s"].values()
     print(f"DAG file parse: {parse_s * 1000:.0f} ms (DagBag fill {result['wall_s']:.2f} s)")
@@ -118,7 +119,7 @@ def test_dag_settings(dag):
     assert dag.on_failure_callback
 
 
-@pytest.mark.parametrize("task_id", EXISTING_STAGES + ["register", "report_no_change"])
+@pytest.mark.parametrize("task_id", EXISTING_STAGES + ["register", "deploy", "report_no_change"])
 def test_task_retries_timeouts_pool_and_callbacks(dag, task_id):
     from pipeline import alerts
 
@@ -210,9 +211,7 @@ def test_bad_overrides_are_refused(dag, conf):
 
 
 def test_inactive_params_are_marked(dag):
-    for name in ("canary_steps", "skip_deploy"):
-        assert "not active yet" in dag.params.get_param(name).description, name
-    for name in ("epochs", "proxy_fraction", "search_trials", "search_budget_minutes", "force_promote", "force_reason"):
+    for name in ("canary_steps", "skip_deploy", "epochs", "proxy_fraction", "search_trials", "search_budget_minutes", "force_promote", "force_reason"):
         assert "not active yet" not in dag.params.get_param(name).description, name
 
 
