@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "deploy",
-        help="canary the run's registered candidate through TorchServe + the router (5% -> 25% -> 100%); promote or roll back",
+        help="canary the run's registered candidate through TorchServe + the router (5%% -> 25%% -> 100%%); promote or roll back",
         description="Outcome and every step's measurements in runs/RUN_ID/deploy/canary.json. "
         "A healthy canary moves MLflow alias production (recorded); an unhealthy one leaves production untouched.",
     )
