@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup check-system demo test test-slow bench clean lint
 
 help:
-	@echo "make demo    set up .venv, build the demo corpus, run the weekly pipeline (embedded default)"
+	@echo "make demo    set up .venv, then two weekly runs of the Airflow DAG on the demo corpus (embedded default)"
 	@echo "make test    set up .venv, run the test suite (CI runs this)"
 	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"
 	@echo "make test-slow   run the slow scenarios (pytest -m slow)"
@@ -43,7 +43,7 @@ setup: check-system $(STAMP)
 
 demo: setup
 	@test -d $(FSDD) || { echo "asr-retune: demo data not found at $(FSDD) (the FSDD recordings; set demo.fsdd_dir in the config, or FSDD=... here)." >&2; exit 1; }
-	$(BIN)/asr-retune demo
+	$(BIN)/asr-retune demo --airflow
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -59,4 +59,5 @@ lint: check-system
 	bash tools/lint.sh
 
 clean:
+	-@test -x $(BIN)/asr-retune && $(BIN)/asr-retune serve stop --quiet >/dev/null 2>&1 || true
 	rm -rf .asr-retune

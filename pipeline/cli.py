@@ -173,10 +173,11 @@ def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.weekly import run_demo
+    from pipeline.weekly import run_demo, run_demo_airflow
 
     config = load_config(args.config)
-    return run_demo(config, root=args.root, progress=not args.quiet, echo=not args.json)
+    runner = run_demo_airflow if args.airflow else run_demo
+    return runner(config, root=args.root, progress=not args.quiet, echo=not args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the demo corpus if needed and run the weekly pipeline on it (what 'make demo' runs)",
+        help="week by week: write the week's demo drop, then run the weekly pipeline on it (what 'make demo' runs)",
     )
     _common(p)
+    p.add_argument("--airflow", action="store_true", help="run each week as the Airflow DAG (airflow dags test) instead of in-process")
     p.set_defaults(func=cmd_demo)
     return parser
 

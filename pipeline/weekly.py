@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
@@ -114,4 +115,81 @@ def run_demo(config: Config, *, root: str | None = None, progress: bool = True, 
         print(f"\nincoming drops:           {store.uri('incoming')}")
         print(f"golden set:               {store.uri(golden)}")
         print(f"training pool and caches: {store.uri('state')}")
+    return result
+
+
+def run_demo_airflow(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
+    """The demo through Airflow: for each week, write that week's drop, then run the DAG
+    ``asr_weekly_retune`` with ``airflow dags test`` (SQLite metadata in ``.asr-retune/airflow``).
+    A week whose DAG run finished is skipped (``state/demo/week-NNN.json``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.corpus import build_demo_corpus, drop_id_for_week
+
+    store = open_store(root, config.storage)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    home = PROJECT_ROOT / ".asr-retune" / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(PROJECT_ROOT / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(PROJECT_ROOT / "plugins"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+        ASR_RETUNE__STORAGE__ROOT=store.root,
+    )
+
+    def airflow_cmd(*args: str) -> None:
+        done = subprocess.run([airflow, *args], env=env, cwd=PROJECT_ROOT, text=True,
+                              stdout=None if echo else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise RuntimeError(f"airflow {' '.join(args[:3])} failed with exit code {done.returncode}")
+
+    if echo:
+        print(f"== Airflow: metadata in {home} (SQLite) ==", flush=True)
+    airflow_cmd("db", "migrate")
+    airflow_cmd("pools", "set", "asr_compute", "1", "Ray-bound stages of asr_weekly_retune")
+    result: dict[str, Any] = {"root": store.root, "weeks": []}
+    for week in range(1, config.demo.weeks + 1):
+        drop = drop_id_for_week(week)
+        marker = join("state", "demo", f"{drop}.json")
+        if store.exists(marker):
+            result["weeks"].append(json.loads(store.get_text(marker)))
+            if echo:
+                print(f"== week {week}: already run ({store.uri(marker)}); make clean to start over ==")
+            continue
+        if not store.exists(join("incoming", drop, "manifest.jsonl")):
+            if echo:
+                print(f"== week {week}: writing drop {drop} under {store.root} ==", flush=True)
+            build_demo_corpus(store, config.demo, config.audio.sample_rate, weeks=week, progress=progress)
+        before = set(store.list_dirs("runs"))
+        if echo:
+            print(f"\n######## week {week}: airflow dags test asr_weekly_retune ########", flush=True)
+        airflow_cmd("dags", "test", "asr_weekly_retune", "-c", "{}")
+        new = sorted(set(store.list_dirs("runs")) - before)
+        if not new:
+            raise RuntimeError("the DAG run wrote no run partition")
+        ctx = RunContext(run_id=new[-1], config=config, store=store)
+        summary = {"week": week, "run_id": ctx.run_id, "stages": {}}
+        for stage in ("ingest", "search", "train", "gate", "register", "deploy"):
+            if ctx.is_complete(stage):
+                summary["stages"][stage] = ctx.summary(stage)
+        store.put_text(marker, json.dumps({"week": week, "run_id": ctx.run_id}))
+        result["weeks"].append(summary)
+        if echo:
+            g = summary["stages"].get("gate", {})
+            d = summary["stages"].get("deploy", {})
+            print(f"\ngate decision for {ctx.run_id}: {'PASSED' if g.get('passed') else 'FAILED'}"
+                  f" (candidate WER {g.get('candidate_wer')}, production WER {g.get('production_wer')})")
+            print(f"on-call report: {g.get('report_uri')}")
+            if d:
+                print(f"canary: {d.get('outcome')} ({d.get('reason')})")
+    if echo:
+        print(f"\nincoming drops: {store.uri('incoming')}\ngolden set:     {store.uri(join('golden', config.demo.golden_version, 'manifest.jsonl'))}")
+        print("serving: asr-retune serve status   (router address; then: curl --data-binary @a.wav -H 'Content-Type: audio/wav' http://127.0.0.1:PORT/predictions/asr)")
     return result
