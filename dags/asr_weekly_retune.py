@@ -15,7 +15,7 @@ letters, digits and `_.:+-`, which Airflow's own ids do). A finished stage is sk
 retried stage clears its own partition first, so a retry never mixes with a failed
 attempt's leftovers. Data that outlives a run (pool, feature cache) lives under `state/`.
 
-**Compute.** `features`, `train` and `evaluate_golden` take a slot of the pool
+**Compute.** `features`, `search`, `train` and `gate` take a slot of the pool
 `asr_compute`; heavy training runs on Ray (`ray.address` in the config: empty = a Ray
 started inside the task's process, `ray://host:10001` = the cluster). Create the pool once
 per Airflow installation (a task in a missing pool is never scheduled):

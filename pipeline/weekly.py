@@ -38,28 +38,6 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     ]
 
 
-def evaluate_golden(ctx: RunContext) -> dict[str, Any]:
-    """Golden-set WER of the run's trained model (the gate compares it with production)."""
-    from pipeline.evaluation import evaluate_model
-    from pipeline.export import load_exported
-    import tempfile
-
-    golden = join("golden", ctx.config.demo.golden_version, "manifest.jsonl")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/model.pt"
-        ctx.store.download_file(ctx.stage_key("train", "model.pt"), path)
-        result = evaluate_model(load_exported(path), ctx.store, golden)
-    summary = result.summary()
-    return {
-        "golden": ctx.store.uri(golden),
-        "wer": round(summary["wer"], 4),
-        "cer": round(summary["cer"], 4),
-        "n_utts": summary["n_utts"],
-        "rtf": round(summary["rtf"], 4),
-        "per_speaker_wer": {k.split(":", 1)[1]: round(v["wer"], 4) for k, v in summary["per_group"].items() if k.startswith("speaker:")},
-    }
-
-
 def run_weekly(ctx: RunContext, *, progress: bool = True, echo: bool = False) -> dict[str, Any]:
     """Run every built stage for ``ctx``'s run; a finished stage is skipped (its summary kept)."""
     out: dict[str, Any] = {"run_id": ctx.run_id, "root": ctx.store.root, "stages": {}}
