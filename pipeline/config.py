@@ -24,6 +24,12 @@ ENV_FILE = "ASR_RETUNE_CONFIG"
 ENV_PREFIX = "ASR_RETUNE__"
 
 
+def project_path(path: str) -> Path:
+    """``path`` as given when absolute, else relative to the project root (not the cwd)."""
+    p = Path(path)
+    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
 class ConfigError(ValueError):
     """The configuration file or an override is invalid; the message says which field."""
 
@@ -82,8 +88,7 @@ class DemoConfig(_Section):
         return self
 
     def fsdd_path(self) -> Path:
-        p = Path(self.fsdd_dir)
-        return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+        return project_path(self.fsdd_dir)
 
 
 class IngestConfig(_Section):
@@ -199,8 +204,7 @@ class SearchConfig(_Section):
         return self
 
     def space_path(self) -> Path:
-        p = Path(self.space_file)
-        return p if p.is_absolute() else PROJECT_ROOT / p
+        return project_path(self.space_file)
 
 
 class GateConfig(_Section):

@@ -96,11 +96,9 @@ def registry_settings(mlflow_cfg: MlflowConfig) -> RegistrySettings:
 
 
 def _tracking_uri(cfg: MlflowConfig) -> str:
-    uri = cfg.tracking_uri
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(cfg)
 
 
 @contextlib.contextmanager

@@ -14,13 +14,19 @@ from pipeline.config import MlflowConfig
 SEARCH_EXPERIMENT = "asr-retune-search"
 
 
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """The configured tracking URI; for a SQLite store, its folder is created first."""
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
 def setup_mlflow(cfg: MlflowConfig, experiment: str) -> str:
     """Point MLflow at the configured store and return the experiment id (created if missing)."""
     import mlflow
 
-    uri = cfg.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
