@@ -11,11 +11,12 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut 
 FSDD   ?= ../shared/data/fsdd
 PYTEST_ARGS ?=
 
-.PHONY: help setup check-system demo test bench clean lint
+.PHONY: help setup check-system demo test reliability bench clean lint
 
 help:
 	@echo "make demo    set up .venv, then two weekly runs of the Airflow DAG on the demo corpus (embedded default)"
 	@echo "make test    set up .venv, run the test suite (CI runs this)"
+	@echo "make reliability  the fault-injection suite, slow scenarios included; writes reliability-scorecard.json"
 	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"
 	@echo "make lint    static checks of docker/ infra/ configs/ (hadolint, yamllint, kubernetes-validate, CRD schemas, checkov); tools in .venv-lint"
 	@echo "make clean   remove the local store (.asr-retune/); keeps .venv"
@@ -46,6 +47,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# every test marked @pytest.mark.scenario (tests/scorecard.py), slow ones included
+reliability: setup
+	$(BIN)/python -m pytest tests -m scenario --scorecard reliability-scorecard.json $(PYTEST_ARGS)
 
 bench: setup
 	@mkdir -p .asr-retune

@@ -37,6 +37,7 @@ class UttScore:
     ref_words: int
     char_errors: int
     ref_chars: int
+    finite: bool = True  # False: the model's outputs held NaN/Inf for this utterance
 
 
 @dataclass
@@ -56,6 +57,7 @@ class EvalResult:
             "cer": cerr / chars if chars else math.nan,
             "n_utts": len(self.utts),
             "n_words": words,
+            "nonfinite_utts": sum(not u.finite for u in self.utts),
             "per_group": group_wers(self.utts, min_group_utts),
             "rtf": self.compute_seconds / self.audio_seconds if self.audio_seconds else math.nan,
             "audio_seconds": round(self.audio_seconds, 3),
@@ -163,18 +165,21 @@ def evaluate_model(
     audio_s = compute_s = 0.0
     order = sorted(range(len(utts)), key=lambda i: utts[i].duration)  # similar lengths batch together
     hyps: dict[int, str] = {}
+    finite: dict[int, bool] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         waves = [load_waveform(store, resolve_audio_key(manifest_key, utts[i].audio_filepath), sr) for i in idx]
         audio_s += sum(len(w) for w in waves) / sr
         t0 = time.perf_counter()
-        texts = model.transcribe(waves)
+        texts, ok = model.transcribe_checked(waves)
         compute_s += time.perf_counter() - t0
         hyps.update(zip(idx, texts))
+        finite.update(zip(idx, ok))
     refs = [u.text for u in utts]
     hyp_list = [hyps[i] for i in range(len(utts))]
-    for u, h, (e, w, ce, cw) in zip(utts, hyp_list, score_pairs(refs, hyp_list)):
-        scores.append(UttScore(u.utt_id, u.speaker, u.group, normalize_text(u.text), normalize_text(h), e, w, ce, cw))
+    for i, (u, h, (e, w, ce, cw)) in enumerate(zip(utts, hyp_list, score_pairs(refs, hyp_list))):
+        scores.append(UttScore(u.utt_id, u.speaker, u.group, normalize_text(u.text), normalize_text(h), e, w, ce, cw,
+                               finite[i]))  # fmt: skip
     return EvalResult(scores, audio_s, compute_s, meta=dict(model.meta))
 
 

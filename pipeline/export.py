@@ -87,15 +87,21 @@ class ExportedModel:
 
     @torch.inference_mode()
     def transcribe(self, waves: list[np.ndarray | torch.Tensor]) -> list[str]:
+        return self.transcribe_checked(waves)[0]
+
+    @torch.inference_mode()
+    def transcribe_checked(self, waves: list[np.ndarray | torch.Tensor]) -> tuple[list[str], list[bool]]:
+        """Transcripts and, per utterance, whether every output frame was finite (NaN/Inf: a damaged model)."""
         if not waves:
-            return []
+            return [], []
         tensors = [torch.as_tensor(w, dtype=torch.float32).flatten() for w in waves]
         lengths = torch.tensor([t.numel() for t in tensors])
         batch = torch.zeros(len(tensors), int(lengths.max()))
         for i, t in enumerate(tensors):
             batch[i, : t.numel()] = t
         log_probs, out_lengths = self.module(batch, lengths)
-        return self.decode(log_probs, out_lengths)
+        finite = [bool(torch.isfinite(lp[:n]).all()) for lp, n in zip(log_probs, out_lengths.tolist())]
+        return self.decode(log_probs, out_lengths), finite
 
 
 def load_exported(path: str | os.PathLike) -> ExportedModel:

@@ -8,7 +8,9 @@ writes ``runs/{run_id}/gate/decision.json`` plus the on-call report (``report.ht
 Rules (thresholds from :class:`GateConfig`; every rule is a pure function of per-utterance
 error counts, so it is tested without models):
 
-* absolute: ``wer_ceiling`` (candidate WER <= ``max_wer``; NaN fails), ``rtf_budget``
+* absolute: ``finite_outputs`` (the candidate's outputs held no NaN/Inf on any golden
+  utterance: a damaged model fails even where its transcripts happen to score well),
+  ``wer_ceiling`` (candidate WER <= ``max_wer``; NaN fails), ``rtf_budget``
   (real-time factor <= ``max_rtf``) and, if set, ``group_wer_ceiling`` (every group with
   >= ``min_group_utts`` utterances <= ``max_group_wer``);
 * relative to production (skipped on a cold start, which the decision and report say):
@@ -111,6 +113,13 @@ def rule_wer_ceiling(wer: float, max_wer: float) -> Rule:
     if wer is None or not math.isfinite(wer):
         detail = "candidate WER is NaN (no scored words): fails"
     return Rule("wer_ceiling", "absolute", wer, max_wer, ok, detail)
+
+
+def rule_finite_outputs(candidate: Sequence[UttScore]) -> Rule:
+    bad = [u.utt_id for u in candidate if not u.finite]
+    detail = "outputs finite on every utterance" if not bad else (
+        f"NaN/Inf outputs on {len(bad)} of {len(candidate)} utterances (first: {', '.join(bad[:3])}): a damaged model")
+    return Rule("finite_outputs", "absolute", len(bad), 0, not bad, detail)
 
 
 def rule_rtf(rtf: float, max_rtf: float) -> Rule:
@@ -342,7 +351,8 @@ def decide(
     """Apply every rule; ``production=None`` is a cold start (absolute rules only)."""
     reason = check_force_reason(force_reason)
     cold = production is None
-    rules = [rule_wer_ceiling(wer_of(candidate), cfg.max_wer), rule_rtf(candidate_rtf, cfg.max_rtf)]
+    rules = [rule_finite_outputs(candidate), rule_wer_ceiling(wer_of(candidate), cfg.max_wer),
+             rule_rtf(candidate_rtf, cfg.max_rtf)]
     if cfg.max_group_wer is not None:
         rules.append(rule_group_ceiling(candidate, cfg, cohorts))
     groups = compare_groups(candidate, production, cfg, cohorts)

@@ -76,6 +76,7 @@ __all__ = [
     "check_fields",
     "check_finite",
     "check_loudness",
+    "check_sample_rate",
     "check_size",
     "check_utt_id_unique",
     "decode_line",
@@ -97,6 +98,13 @@ MANIFEST = "manifest.jsonl"
 LEDGER_FORMAT = 1
 _DROP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_KEY_BYTES = 1024  # S3's limit on a key; a longer one is refused by S3 (not "not found")
+# The resampler's cost grows with the reduced ratio of the two rates: converting sr to the target
+# builds a (target/g) x (sr/g) filter bank, g = gcd(sr, target). Standard rates stay below 12M
+# elements (44056 -> 16000 Hz is the largest); an odd rate such as 96001 Hz would need 768M
+# (~13 GB and a minute of CPU for one second of audio), so it is refused instead.
+MAX_RESAMPLE_KERNEL = 1 << 24
 
 
 class IngestError(RuntimeError):
@@ -121,6 +129,7 @@ class Reason(StrEnum):
     TOO_LONG = "too_long"  # decoded duration above ingest.max_duration_s
     SILENT = "silent"  # RMS below ingest.silence_floor_dbfs
     DURATION_MISMATCH = "duration_mismatch"  # decoded vs declared duration beyond the tolerance
+    UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  # a rate the resampler cannot convert at bounded cost
 
 
 class Rejected(Exception):
@@ -256,12 +265,17 @@ def decode_line(raw: bytes) -> str:
 
 
 def parse_object(line: str) -> dict[str, Any]:
-    """The line as a JSON object; ``unparseable`` otherwise."""
+    """The line as a JSON object; ``unparseable`` otherwise (also for JSON the parser refuses to build:
+    nesting deeper than the recursion limit, integers of more than 4300 digits)."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         snippet = line.strip()[:60]
         raise Rejected(Reason.UNPARSEABLE, f"line is not JSON ({exc.msg} at column {exc.colno}): {snippet!r}") from None
+    except RecursionError:
+        raise Rejected(Reason.UNPARSEABLE, "line is JSON nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise Rejected(Reason.UNPARSEABLE, f"line is JSON that cannot be parsed: {str(exc)[:120]}") from None
     if not isinstance(value, dict):
         raise Rejected(Reason.UNPARSEABLE, f"line is JSON but not an object (got {type(value).__name__})")
     return value
@@ -288,12 +302,20 @@ def check_fields(record: Mapping[str, Any]) -> IncomingRecord:
     duration = record.get("duration")
     if duration is None:
         raise Rejected(Reason.MISSING_FIELD, "required field 'duration' is missing")
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration):
-        raise Rejected(Reason.MISSING_FIELD, f"field 'duration' must be a finite number of seconds, got {duration!r}")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not _finite(duration):
+        shown = repr(duration) if len(repr(duration)) <= 60 else repr(duration)[:60] + "..."
+        raise Rejected(Reason.MISSING_FIELD, f"field 'duration' must be a finite number of seconds, got {shown}")
     sha = record.get("sha256")
     if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha.lower())):
         raise Rejected(Reason.MISSING_FIELD, f"field 'sha256' must be 64 hex digits when given, got {sha!r}")
     return IncomingRecord(duration=float(duration), sha256=sha.lower() if sha else None, **values)
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def normalize_transcript(text: str) -> str:
@@ -341,9 +363,17 @@ def resolve_drop_audio_key(audio_filepath: str, drop_prefix: str, drop_uri: str)
     parts = [p for p in rel.split("/") if p != "."]
     if ".." in parts:
         raise Rejected(Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} contains '..'")
-    if not parts or "" in parts:
-        raise Rejected(Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} is not a clean relative path")
-    return join(drop_prefix, *parts)
+    if not parts or "" in parts or _CONTROL.search(rel):
+        shown = audio_filepath if len(audio_filepath) <= 200 else audio_filepath[:200] + "..."
+        raise Rejected(Reason.PATH_ESCAPE, f"audio_filepath {shown!r} is not a clean relative path")
+    key = join(drop_prefix, *parts)
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise Rejected(
+            Reason.PATH_ESCAPE,
+            f"audio_filepath {audio_filepath[:80]!r}... is {len(audio_filepath)} characters long: "
+            f"its key would exceed {MAX_KEY_BYTES} bytes",
+        )
+    return key
 
 
 def check_size(size: int, max_bytes: int) -> None:
@@ -394,6 +424,21 @@ def check_duration_bounds(seconds: float, min_s: float, max_s: float) -> None:
         raise Rejected(Reason.TOO_SHORT, f"audio lasts {seconds:.3f} s, below ingest.min_duration_s={min_s}")
     if seconds > max_s:
         raise Rejected(Reason.TOO_LONG, f"audio lasts {seconds:.3f} s, above ingest.max_duration_s={max_s}")
+
+
+def check_sample_rate(sample_rate: int, target_rate: int, max_kernel: int = MAX_RESAMPLE_KERNEL) -> None:
+    """``unsupported_sample_rate`` when converting ``sample_rate`` to ``target_rate`` would need a
+    resampling filter bank of more than ``max_kernel`` elements (an odd rate with a large reduced ratio)."""
+    if sample_rate == target_rate:
+        return
+    g = math.gcd(sample_rate, target_rate)
+    if (sample_rate // g) * (target_rate // g) > max_kernel:
+        raise Rejected(
+            Reason.UNSUPPORTED_SAMPLE_RATE,
+            f"sample rate {sample_rate} Hz cannot be converted to {target_rate} Hz at a bounded cost "
+            f"(reduced ratio {sample_rate // g}:{target_rate // g}); re-encode at a standard rate "
+            "such as 8000, 16000, 22050, 44100 or 48000 Hz",
+        )
 
 
 def check_loudness(dbfs: float, floor_dbfs: float) -> None:
@@ -581,6 +626,7 @@ class _DropIngester:
         wave, sr = decode_record_audio(data)
         check_finite(wave)
         check_duration_bounds(wave.shape[1] / sr, self.rules.min_duration_s, self.rules.max_duration_s)
+        check_sample_rate(sr, self.sample_rate)
         mono = to_mono_resampled(wave, sr, self.sample_rate)
         check_loudness(rms_dbfs(mono), self.rules.silence_floor_dbfs)
         check_duration_matches(wave.shape[1] / sr, fields.duration, self.rules.duration_tolerance_s)

@@ -485,15 +485,20 @@ def _signature() -> Any:
 
 
 def _logged_model_uri(cfg: MlflowConfig, mlflow_run: str, local: Path, tags: dict[str, str]) -> tuple[str, str]:
-    """The run's logged pyfunc model (logged now unless a previous attempt already did)."""
+    """The run's logged pyfunc model (logged now unless a previous attempt already did, completely)."""
     with _mlflow(cfg) as mlflow:
         exp = experiment_id(cfg)
         existing = mlflow.search_logged_models(
             experiment_ids=[exp], filter_string=f"source_run_id = '{mlflow_run}'", output_format="list"
         )
         for lm in existing:
-            if lm.name == "model" and lm.tags.get(TAG_SHA256) == tags[TAG_SHA256]:
+            if lm.name != "model" or lm.tags.get(TAG_SHA256) != tags[TAG_SHA256]:
+                continue
+            if str(getattr(lm.status, "value", lm.status)) == "READY":
                 return f"models:/{lm.model_id}", lm.model_id
+            # an attempt that died mid-upload left it PENDING/FAILED: never register that one
+            log.warning("logged model %s of run %s is %s (an interrupted attempt): logging the model again",
+                        lm.model_id, mlflow_run, lm.status)
         with mlflow.start_run(run_id=mlflow_run):
             info = mlflow.pyfunc.log_model(
                 name="model",

@@ -65,12 +65,15 @@ def rule_value(rule: dict[str, Any], key: str = "value") -> str:
         return "n/a" if not _num(v) else f"{v:.4f}"
     if name == "coverage":
         return "n/a" if not _num(v) else f"{int(v)} missing"
+    if name == "finite_outputs":
+        return "n/a" if not _num(v) else f"{int(v)} utts with NaN/Inf"
     if name in ("delta_wer", "worst_group"):
         return pts(v)
     return pct(v)
 
 
 RULE_TITLES = {
+    "finite_outputs": "No NaN/Inf in the candidate's outputs",
     "wer_ceiling": "Candidate WER under the ceiling",
     "rtf_budget": "Real-time factor within budget",
     "group_wer_ceiling": "Every group's WER under the ceiling",

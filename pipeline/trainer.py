@@ -4,8 +4,11 @@ The stage ``train`` trains on the run's whole feature set (the training pool min
 seeded dev split, ``train.dev_fraction``), with ``train.num_workers`` DDP workers (gloo
 on CPU, NCCL on GPU), ``FailureConfig(max_failures)`` so a lost worker restarts from the
 last checkpoint, and rank 0 alone checkpointing. The experiment lives in the run's work
-area, so a retried stage resumes from its last checkpoint. The best epoch by dev WER is
-exported (``runs/{run_id}/train/model.pt``) with ``metrics.json`` and ``history.json``.
+area under a fixed name, so a retried stage (the driver died) resumes from its last
+checkpoint: Ray Train V2 picks up a run whose (storage_path, name) it finds. Restarts are
+recorded in ``metrics.json`` as ``resumed_from`` (the epochs training continued from).
+The best epoch by dev WER is exported (``runs/{run_id}/train/model.pt``) with
+``metrics.json`` and ``history.json``.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
 
+    resumed_from = int(resume["epoch"]) if resume is not None else 0  # > 0: a restart after a lost worker or driver
+
     def report(rep, state):
-        metrics = rep.metrics()
+        metrics = {**rep.metrics(), "resumed_from": resumed_from, "pid": os.getpid()}
         if state is None:
             ray.train.report(metrics)
             return
@@ -175,6 +180,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
         path = export_model(model, index["frontend"], Path(tmp) / "model.pt", meta)
         ctx.store.upload_file(ctx.stage_key(STAGE, "model.pt"), path)
     metrics = {
+        "resumed_from": sorted({int(m["resumed_from"]) for _, m in result.best_checkpoints if m.get("resumed_from")}),
         "best_epoch": best_metrics["epoch"],
         "dev_wer": best_metrics["dev_wer"],
         "dev_cer": best_metrics["dev_cer"],

@@ -9,6 +9,8 @@ import pytest
 
 from pipeline.config import Config, StorageConfig
 
+pytest_plugins = ["scorecard"]  # the reliability scorecard (make reliability)
+
 
 def free_port() -> int:
     with socket.socket() as s:

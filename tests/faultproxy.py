@@ -2,7 +2,9 @@
 
 It forwards every request to the upstream server unchanged, except that a rule may
 answer instead with an error (503 SlowDown, 500, ...) or delay the request. It counts
-what it saw so a test can assert retries really happened.
+what it saw so a test can assert retries really happened. An outage (``down_after``, or
+setting ``down``) makes the upstream vanish at a chosen request: from then on every
+request is dropped unanswered, as by a dead server, until ``down`` is cleared.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ class Fault:
 class FaultProxy:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
-    seen: list[tuple[str, str, int]] = field(default_factory=list)
+    seen: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status) once answered
+    arrived: list[tuple[str, str]] = field(default_factory=list)  # (method, path) as soon as received
+    down_after: Callable[[str, str], bool] | None = None  # the upstream dies once this request was answered
+    down: bool = False
 
     def start(self) -> str:
         up = urlparse(self.upstream)
@@ -51,6 +56,11 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                proxy.arrived.append((self.command, self.path))
+                if proxy.down:
+                    proxy.seen.append((self.command, self.path, 0))
+                    self.close_connection = True  # no answer at all
+                    return
                 with lock:
                     fault = next((f for f in proxy.faults if f.times > 0 and f.match(self.command, self.path)), None)
                     if fault is not None and not fault.delay_s:
@@ -73,6 +83,8 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 proxy.seen.append((self.command, self.path, resp.status))
+                if proxy.down_after is not None and proxy.down_after(self.command, self.path):
+                    proxy.down = True  # before the client has the answer, so nothing slips through after it
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -83,7 +95,7 @@ class FaultProxy:
                     self.wfile.write(data)
                 conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+            do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = _handle
 
         lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

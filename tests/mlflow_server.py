@@ -72,11 +72,13 @@ class MlflowServer:
                 time.sleep(0.2)
         return self.url
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (``signal.SIGKILL``: crash it); :meth:`start` again serves the same store on the same port."""
+        self._ready = False
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, sig)
         try:
             self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:

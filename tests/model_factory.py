@@ -5,6 +5,9 @@
 * ``babble`` — encoder and front projection zeroed so the encoder outputs its positional
   encoding; the head maps sin(position) to ``e``/space, so every utterance decodes as
   "e e e e ..." at ~4 words a second: many insertions, WER well above 100 % ("damaged").
+* ``nan``    — ``mute`` with a NaN in the head's bias: every output frame is NaN, and the
+  greedy decode still yields empty hypotheses (NaN ranks first at the blank), so its WER
+  equals mute's: only a check of the outputs themselves tells it is damaged.
 * ``random`` — random initial weights.
 
 On the golden set, mute < babble in WER for every group, so "mute" plays the better
@@ -30,9 +33,11 @@ def tiny_model(kind: str, seed: int = 0) -> ASRModel:
     torch.manual_seed(seed)
     m = ASRModel(TINY, FeatureConfig().n_mels, vocab_size()).eval()
     with torch.no_grad():
-        if kind == "mute":
+        if kind in ("mute", "nan"):
             m.head.weight.zero_()
             m.head.bias.zero_()
+            if kind == "nan":
+                m.head.bias[0] = float("nan")
         elif kind == "babble":
             m.subsample.proj.weight.zero_()
             m.subsample.proj.bias.zero_()

@@ -10,43 +10,23 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import soundfile as sf
 
+from dropfactory import Drop, bucket_env, check_invariant, nan_audio, s3_credentials, snapshot, upload
 from faultproxy import Fault, FaultProxy
-from pipeline.config import Config, IngestConfig, StorageConfig
+from pipeline.config import IngestConfig, StorageConfig
 from pipeline.ingest import ingest
 from pipeline.manifest import read_manifest, resolve_audio_key
 from pipeline.run import RunContext
-from pipeline.storage import ObjectStore, StorageError, open_store
+from pipeline.storage import StorageError, open_store
 from wavfactory import make_audio, manifest_line, record, sha256
 
 pytestmark = pytest.mark.integration
 
 RULES = IngestConfig(max_duration_s=5.0, max_audio_bytes=150_000)
 WEEK1, WEEK2, LATE = "week-10", "week-11", "week-05"
-
-
-@dataclass(frozen=True)
-class Drop:
-    """The lines and files of one drop, and what ingestion must do with each utt_id."""
-
-    drop_id: str
-    lines: list[bytes]
-    files: dict[str, bytes]
-    accepted: set[str]
-    rejected: dict[str, str]  # utt_id -> reason
-    unparseable: int
-
-
-def nan_audio() -> bytes:
-    samples = np.full((8000, 1), 0.1, dtype=np.float32)
-    samples[123, 0] = np.nan
-    return make_audio(samples=samples, subtype="FLOAT")
 
 
 def week1_drop(bucket: str) -> Drop:
@@ -130,41 +110,17 @@ def valid_drop(drop_id: str, prefix: str, n: int, seed0: int, extra: dict[str, b
     return Drop(drop_id, lines, files, {f"{prefix}-{i}" for i in range(n)}, {}, 0)
 
 
-def upload(store: ObjectStore, drop: Drop) -> None:
-    for name, data in drop.files.items():
-        store.put_bytes(f"incoming/{drop.drop_id}/{name}", data)
-    store.put_bytes(f"incoming/{drop.drop_id}/manifest.jsonl", b"\n".join(drop.lines) + b"\n")  # manifest last
-
-
-def snapshot(store: ObjectStore) -> dict[str, bytes]:
-    return {key: store.get_bytes(key) for key in store.list()}
-
-
-def check_invariant(summary: dict) -> None:
-    assert summary["accepted"] + len(summary["quarantined"]) + summary["unparseable_lines"] == summary["lines_read"]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(moto_server):
     """moto's real S3 server (session-wide, from conftest) with dummy credentials for this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "AKIAINGESTTEST000001")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "ingest-test-secret-not-real")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
+    with s3_credentials():
         yield moto_server
 
 
 @pytest.fixture
 def env(s3_endpoint):
     """A fresh bucket; returns (bucket, config, store rooted at s3://bucket/pfx)."""
-    import boto3
-
-    bucket = f"ingest-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    cfg = Config(storage=StorageConfig(s3_endpoint_url=s3_endpoint, retry_max_attempts=3), ingest=RULES)
-    return bucket, cfg, open_store(f"s3://{bucket}/pfx", cfg.storage)
+    return bucket_env(s3_endpoint, RULES)
 
 
 def context(env, run_id: str) -> RunContext:
@@ -305,7 +261,9 @@ def test_a_late_drop_with_an_older_name_is_taken(env) -> None:
     assert set(json.loads(store.get_text("state/ingest/ledger.json"))["drops"]) == {WEEK1, WEEK2, LATE}
 
 
-def test_a_permanent_s3_failure_names_the_key_and_leaves_the_ledger(env, s3_endpoint) -> None:
+@pytest.mark.scenario(3, expected="a permanent S3 failure mid-ingest fails the stage with the key named; the ledger, "
+                                   "pool and stage output are untouched; the retry takes the whole drop")
+def test_a_permanent_s3_failure_names_the_key_and_leaves_the_ledger(env, s3_endpoint, observe) -> None:
     bucket, cfg, store = env
     upload(store, valid_drop(WEEK1, "w10", 3, seed0=400))
     denied = Fault(lambda m, p: m == "GET" and p.endswith("/w10-1.wav"), status=403, code="AccessDenied", times=100)
@@ -322,6 +280,10 @@ def test_a_permanent_s3_failure_names_the_key_and_leaves_the_ledger(env, s3_endp
         proxy.stop()
     assert not store.exists("state/ingest/ledger.json") and not store.exists("state/pool/CURRENT")
     assert not store.exists("runs/run-1/ingest/_SUCCESS")
+    left = [k for k in store.list() if not k.startswith("incoming/")]
+    assert left == [], left  # nothing half-written outside the drop itself
 
     retry = ingest(context(env, "run-1"), progress=False)
     assert retry["accepted"] == 3 and retry["drops"] == [WEEK1]
+    observe(f"stage failed: {str(err.value)[:140]}; 0 objects written outside incoming/; retry accepted "
+            f"{retry['accepted']}/3")

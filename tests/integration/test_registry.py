@@ -15,19 +15,18 @@ from pathlib import Path
 import pytest
 
 from pipeline import registry
-from pipeline.config import Config, DemoConfig, MlflowConfig
+from pipeline.config import Config, MlflowConfig
 from pipeline.export import load_exported
 from pipeline.gate import GateConfig, gate, read_decision
 from pipeline.registry import GateNotPassed, RegistryError
 from pipeline.run import RunContext
-from pipeline.storage import open_store
 from mlflow_server import MlflowServer, free_port
 from model_factory import export_tiny
+from registry_env import build_golden_store, isolate_registry, put_candidate
 
 pytestmark = pytest.mark.integration
 
 GATE = GateConfig(max_wer=5.0, max_rtf=2.0, min_group_utts=5, group_tolerance=0.03, bootstrap_resamples=500)
-HISTORY = [{"epoch": e, "train_loss": 3.0 / e, "dev_wer": 1.0 / (e + 1)} for e in range(1, 6)]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,7 @@ def mlflow_url(mlflow_started, golden_root, models) -> str:
 
 @pytest.fixture(scope="module")
 def golden_root(tmp_path_factory) -> Path:
-    from pipeline.corpus import build_demo_corpus
-
-    root = tmp_path_factory.mktemp("golden-store")
-    demo = DemoConfig(weeks=1, utterances_per_week=2, golden_utterances=40, synthetic_fraction=0.0)
-    build_demo_corpus(open_store(str(root)), demo, 8000, progress=False)
-    shutil.rmtree(root / "incoming")
-    return root
+    return build_golden_store(tmp_path_factory.mktemp("golden-store"))
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +58,7 @@ def env(tmp_path, mlflow_started, golden_root, models, mlflow_url, monkeypatch):
     """A fresh store holding the golden set, and a registered-model name of its own."""
     root = tmp_path / "store"
     shutil.copytree(golden_root, root)
-    cache = tmp_path / "model-cache"
-    monkeypatch.setattr(registry, "registry_settings",
-                        lambda cfg: registry.RegistrySettings(experiment="asr-retune-tests", model_cache=str(cache)))
-    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
+    isolate_registry(monkeypatch, tmp_path / "model-cache")
     name = f"asr-{uuid.uuid4().hex[:8]}"
     config = Config(mlflow=MlflowConfig(tracking_uri=mlflow_url, artifact_root="", registered_model=name))
     return {"config": config, "root": str(root), "name": name}
@@ -76,12 +66,6 @@ def env(tmp_path, mlflow_started, golden_root, models, mlflow_url, monkeypatch):
 
 def run_ctx(env, run_id: str) -> RunContext:
     return RunContext.create(env["config"], run_id=run_id, root=env["root"])
-
-
-def put_candidate(ctx: RunContext, model: Path) -> None:
-    ctx.store.upload_file(ctx.stage_key("train", "model.pt"), model)
-    ctx.store.put_text(ctx.stage_key("train", "metrics.json"), json.dumps({"dev_wer": 0.2, "pool_version": "pool-0007"}))
-    ctx.store.put_text(ctx.stage_key("train", "history.json"), json.dumps(HISTORY))
 
 
 def versions(env) -> list[str]:
@@ -100,7 +84,7 @@ def test_gate_register_promote_rollback(env, models):
     s = gate(r1, settings=GATE)
     assert s["passed"] is True and s["cold_start"] is True and s["production_version"] is None
     d = read_decision(r1)
-    assert {r["name"] for r in d["rules"]} == {"wer_ceiling", "rtf_budget"}
+    assert {r["name"] for r in d["rules"]} == {"finite_outputs", "wer_ceiling", "rtf_budget"}
     assert d["golden"]["version"] == "v1" and d["golden"]["cohorts"] == ["seen", "unseen"]
     html = r1.store.get_text(r1.stage_key("gate", "report.html"))
     assert "Cold start" in html and "GATE PASSED" in html

@@ -119,25 +119,31 @@ _KILLED_WRITER = textwrap.dedent(
 )
 
 
-def test_process_killed_mid_multipart_upload_leaves_nothing(s3_bucket, moto_server, aws_env):
+@pytest.mark.scenario(3, expected="a writer killed mid multipart upload leaves no object and no partial object")
+def test_process_killed_mid_multipart_upload_leaves_nothing(s3_bucket, moto_server, aws_env, observe):
     proxy = FaultProxy(moto_server, faults=[Fault(lambda m, p: "partNumber=" in p, times=100, delay_s=1.0)])
     url = proxy.start()
     try:
         child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, f"s3://{s3_bucket}/k", url], stdout=subprocess.PIPE)
         deadline = time.time() + 60
-        while time.time() < deadline and not any("partNumber=" in p for _, p, _ in proxy.seen):
-            time.sleep(0.1)
-        assert any("partNumber=" in p for _, p, _ in proxy.seen), "upload never reached the parts"
+        while time.time() < deadline and not any("partNumber=" in p for _, p in proxy.arrived):
+            time.sleep(0.05)
+        assert any("partNumber=" in p for _, p in proxy.arrived), "upload never reached the parts"
+        assert not any("uploadId=" in p and m == "POST" for m, p in proxy.arrived), "killed too late: upload completed"
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         store = open_store(f"s3://{s3_bucket}/k", StorageConfig(s3_endpoint_url=moto_server))
         assert not store.exists("killed/obj.bin")
         assert list(store.list()) == []
+        parts = sum("partNumber=" in p for _, p in proxy.arrived)
+        observe(f"writer SIGKILLed after {parts} part request(s) reached S3; 0 objects under the prefix afterwards")
     finally:
         proxy.stop()
 
 
-def test_throttling_and_5xx_are_retried(s3_bucket, moto_server, aws_env):
+@pytest.mark.scenario(3, expected="throttling (503 SlowDown) and 500s between the pipeline and S3 are retried; "
+                                   "the write and read succeed")
+def test_throttling_and_5xx_are_retried(s3_bucket, moto_server, aws_env, observe):
     faults = [
         Fault(lambda m, p: m == "PUT", status=503, code="SlowDown", times=2),
         Fault(lambda m, p: m == "GET", status=500, code="InternalError", times=2),
@@ -150,11 +156,14 @@ def test_throttling_and_5xx_are_retried(s3_bucket, moto_server, aws_env):
         assert store.get_text("k.txt") == "survived"
         statuses = [s for _, _, s in proxy.seen]
         assert statuses.count(503) == 2 and statuses.count(500) == 2
+        observe(f"{statuses.count(503)} x 503 and {statuses.count(500)} x 500 injected, {len(statuses)} requests in all; "
+                "object written and read back intact")
     finally:
         proxy.stop()
 
 
-def test_permanent_failure_names_key_and_hides_credentials(s3_bucket, moto_server, aws_env):
+@pytest.mark.scenario(3, expected="a permanent S3 failure raises an error naming the key, without credentials")
+def test_permanent_failure_names_key_and_hides_credentials(s3_bucket, moto_server, aws_env, observe):
     proxy = FaultProxy(moto_server, faults=[Fault(lambda m, p: True, status=503, times=1000)])
     url = proxy.start()
     try:
@@ -165,6 +174,7 @@ def test_permanent_failure_names_key_and_hides_credentials(s3_bucket, moto_serve
         assert f"s3://{s3_bucket}/p/dir/name.txt" in msg and "SlowDown" in msg
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in msg and os.environ["AWS_ACCESS_KEY_ID"] not in msg
         assert "secret" not in repr(store).lower()
+        observe(f"after {len(proxy.seen)} attempts: {msg[:160]}")
     finally:
         proxy.stop()
 

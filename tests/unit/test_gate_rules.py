@@ -57,7 +57,7 @@ def test_better_candidate_passes():
     assert out.decision["failing_rules"] == []
     r = rules(out)
     assert r["delta_wer"]["ci_high"] < 0
-    assert set(r) == {"wer_ceiling", "rtf_budget", "coverage", "delta_wer", "worst_group"}
+    assert set(r) == {"finite_outputs", "wer_ceiling", "rtf_budget", "coverage", "delta_wer", "worst_group"}
     assert out.decision["cold_start"] is False and out.decision["forced"] is False
     assert out.bootstrap is not None and len(out.bootstrap["samples"]) == CFG.bootstrap_resamples
 
@@ -91,7 +91,7 @@ def test_cold_start_passes_on_absolute_rules_alone():
     out = decide(cand, None, candidate_rtf=0.05, cfg=CFG)
     d = out.decision
     assert d["passed"] is True and d["cold_start"] is True
-    assert {r["name"] for r in d["rules"]} == {"wer_ceiling", "rtf_budget"}
+    assert {r["name"] for r in d["rules"]} == {"finite_outputs", "wer_ceiling", "rtf_budget"}
     assert all(r["kind"] == "absolute" for r in d["rules"])
     assert {s["name"] for s in d["skipped_rules"]} == {"coverage", "delta_wer", "worst_group"}
     assert d["bootstrap"] is None and out.bootstrap is None
@@ -218,3 +218,13 @@ def test_gate_stage_refuses_an_empty_force_reason_before_any_work():
 
     with pytest.raises(ValueError, match="non-empty reason"):
         gate(NoCtx(), force_reason="  ")
+
+
+def test_nonfinite_outputs_fail_even_when_the_transcripts_score_well():
+    cand = utts(uniform(0.05))
+    cand[3].finite = False  # one utterance's log-probs held a NaN
+    out = decide(cand, None, candidate_rtf=0.1, cfg=CFG)
+    assert out.decision["passed"] is False and out.decision["failing_rules"] == ["finite_outputs"]
+    assert "1 of 160 utterances" in rules(out)["finite_outputs"]["detail"]
+    forced = decide(cand, None, candidate_rtf=0.1, cfg=CFG, force_reason="known NaN on one clip, hotfix", forced_by="oncall")
+    assert forced.decision["passed"] is True and forced.decision["forced"] is True

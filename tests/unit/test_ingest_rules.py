@@ -20,6 +20,7 @@ from pipeline.ingest import (
     check_fields,
     check_finite,
     check_loudness,
+    check_sample_rate,
     check_size,
     check_utt_id_unique,
     decode_line,
@@ -135,6 +136,9 @@ def test_check_fields_returns_typed_record() -> None:
         "a//b.wav",
         "sub/",
         ".",
+        "a\x00.wav",
+        "a\nb.wav",
+        "x" * 1100 + ".wav",
     ],
 )
 def test_path_escape(path: str) -> None:
@@ -297,3 +301,19 @@ def test_rms_dbfs_of_full_scale_sine() -> None:
     t = np.arange(8000) / 8000
     assert rms_dbfs(np.sin(2 * np.pi * 100 * t)) == pytest.approx(-3.01, abs=0.01)
     assert rms_dbfs(np.array([])) == -math.inf
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000])
+def test_standard_sample_rates_are_supported(rate: int) -> None:
+    check_sample_rate(rate, 8000)
+    check_sample_rate(rate, 16000)
+
+
+@pytest.mark.parametrize("rate", [96001, 44101, 7919 * 13])
+def test_odd_sample_rates_are_refused_before_resampling(rate: int) -> None:
+    assert reason_of(check_sample_rate, rate, 16000) is Reason.UNSUPPORTED_SAMPLE_RATE
+
+
+def test_deeply_nested_or_huge_json_is_unparseable() -> None:
+    assert reason_of(parse_object, "[" * 100_000) is Reason.UNPARSEABLE
+    assert reason_of(parse_object, '{"duration": ' + "9" * 5000 + "}") is Reason.UNPARSEABLE

@@ -1,4 +1,4 @@
-"""Spot preemption and driver crashes during the search: trials resume, the stage restores."""
+"""Reliability scenarios 1 and 2 (search): spot preemption of a trial, a crash of the search driver."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def _trial_results(ctx) -> dict[str, list[dict]]:
     return out
 
 
-def test_preempted_trial_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.scenario(1, expected="a trial's worker killed mid-run resumes from its last checkpoint; the search "
+                                   "finishes with no errored trial; work lost <= one epoch per kill")
+def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe):
     from pipeline.search import search
 
     # no early stopping (grace = max) so every trial runs 4 epochs and can be preempted mid-run
@@ -69,6 +71,9 @@ def test_preempted_trial_resumes_from_its_checkpoint(tmp_path):
     # it restarted from the checkpoint of the epoch it had reported: at most that epoch's remainder was lost
     assert victim["resumed_from"] == [killed["epoch"]]
     assert [e for e, _ in victim["curve"]] == [1, 2, 3, 4]
+    observe(f"killed pid {killed['pid']} after epoch {killed['epoch']}; resumed from epoch {victim['resumed_from']}; "
+            f"{victim['epochs']}/4 epochs, {summary['statuses']['error']} errored trials, {len(board)}/2 on the board; "
+            "lost: the part of one epoch in flight")
 
 
 _DRIVER = textwrap.dedent(
@@ -85,7 +90,9 @@ _DRIVER = textwrap.dedent(
 )
 
 
-def test_crashed_driver_rerun_restores_the_experiment(tmp_path):
+@pytest.mark.scenario(2, expected="the search driver's machine dies mid-search; the retried stage restores the "
+                                   "experiment (Tuner.restore) and trains no finished trial again")
+def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
     from pipeline.search import search
 
     ctx = make_proxy_run(tmp_path, "crash", trials=4, max_epochs=3, grace_period=3, max_concurrent=1)
@@ -119,3 +126,5 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path):
     after = _trial_results(ctx)
     for trial, n in done_before.items():
         assert len(after[trial]) == n, "a finished trial was trained again"
+    observe(f"driver killed with {len(done_before)} trial(s) finished; rerun restored={summary['restored']}, "
+            f"{summary['trials']} trials in all (not 4 new ones), finished trials not retrained")

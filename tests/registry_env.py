@@ -1,0 +1,41 @@
+"""Shared set-up of the tests that gate and register against a real ``mlflow server``.
+
+* :func:`build_golden_store` — a store holding only a small demo golden set built from the
+  real FSDD recordings (5 speakers, one never seen in training).
+* :func:`isolate_registry` — the registry's experiment and model cache of the test's own.
+* :func:`put_candidate` — what the train stage leaves for the gate: model, metrics, history.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.config import DemoConfig
+from pipeline.run import RunContext
+from pipeline.storage import open_store
+
+HISTORY = [{"epoch": e, "train_loss": 3.0 / e, "dev_wer": 1.0 / (e + 1)} for e in range(1, 6)]
+
+
+def build_golden_store(root: Path, golden_utterances: int = 40) -> Path:
+    from pipeline.corpus import build_demo_corpus
+
+    demo = DemoConfig(weeks=1, utterances_per_week=2, golden_utterances=golden_utterances, synthetic_fraction=0.0)
+    build_demo_corpus(open_store(str(root)), demo, 8000, progress=False)
+    shutil.rmtree(root / "incoming")
+    return root
+
+
+def isolate_registry(monkeypatch, cache: Path, experiment: str = "asr-retune-tests") -> None:
+    monkeypatch.setattr(registry, "registry_settings",
+                        lambda cfg: registry.RegistrySettings(experiment=experiment, model_cache=str(cache)))  # fmt: skip
+    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
+
+
+def put_candidate(ctx: RunContext, model: Path) -> None:
+    ctx.store.upload_file(ctx.stage_key("train", "model.pt"), model)
+    ctx.store.put_text(ctx.stage_key("train", "metrics.json"), json.dumps({"dev_wer": 0.2, "pool_version": "pool-0007"}))
+    ctx.store.put_text(ctx.stage_key("train", "history.json"), json.dumps(HISTORY))
