@@ -16,6 +16,7 @@ import soundfile as sf
 
 from dropfactory import Drop, bucket_env, check_invariant, nan_audio, s3_credentials, snapshot, upload
 from faultproxy import Fault, FaultProxy
+from pipeline.audio import decode_audio
 from pipeline.config import IngestConfig, StorageConfig
 from pipeline.ingest import ingest
 from pipeline.manifest import read_manifest, resolve_audio_key
@@ -280,10 +281,15 @@ def test_a_permanent_s3_failure_names_the_key_and_leaves_the_ledger(env, s3_endp
         proxy.stop()
     assert not store.exists("state/ingest/ledger.json") and not store.exists("state/pool/CURRENT")
     assert not store.exists("runs/run-1/ingest/_SUCCESS")
+    # outside the drop only whole, content-addressed audio blobs of records converted before the
+    # failure may remain (written atomically; the retry reuses them): nothing partial
     left = [k for k in store.list() if not k.startswith("incoming/")]
-    assert left == [], left  # nothing half-written outside the drop itself
+    for key in left:
+        assert key.startswith("state/audio/"), key
+        wave, sr = decode_audio(store.get_bytes(key))  # a whole WAV, not a truncated one
+        assert sr == cfg.audio.sample_rate and wave.shape[1] > 0
 
     retry = ingest(context(env, "run-1"), progress=False)
     assert retry["accepted"] == 3 and retry["drops"] == [WEEK1]
-    observe(f"stage failed: {str(err.value)[:140]}; 0 objects written outside incoming/; retry accepted "
-            f"{retry['accepted']}/3")
+    observe(f"stage failed: {str(err.value)[:140]}; left behind: {len(left)} whole content-addressed audio blob(s), "
+            f"no ledger/pool/stage output; retry accepted {retry['accepted']}/3")
