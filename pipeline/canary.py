@@ -55,7 +55,7 @@ import requests
 
 from pipeline.manifest import read_manifest, resolve_audio_key
 from pipeline.serving.archive import ModelArchive, archive_name, build_archive, check_version, sha256_file, verify_archive
-from pipeline.serving.backend import ServingBackend, VersionCounters
+from pipeline.serving.backend import ServingBackend, VersionCounters, VersionInfo
 from pipeline.serving.config import CanaryConfig, ServingConfig, canary_config, serving_config
 from pipeline.serving.router import PROBE_HEADER, ROUTED_VERSION_HEADER, RoutedRequest, Router
 from pipeline.storage import ObjectStore, join
@@ -404,9 +404,33 @@ def _check(name: str, passed: bool, value: Any, limit: Any, detail: str = "") ->
     return {"check": name, "passed": bool(passed), "value": value, "limit": limit, "detail": detail}
 
 
-def evaluate_interval(prod: dict[str, Any], cand: dict[str, Any], wer: dict[str, Any], cfg: CanaryConfig) -> tuple[bool, list[dict[str, Any]]]:
-    """Apply the thresholds to one interval's measurements; ``(passed, checks)``."""
+def worker_health(before: VersionInfo | None, after: VersionInfo | None) -> dict[str, Any] | None:
+    """The candidate's workers over an interval: restarted (id changed) and not-ready ones; ``None`` if unknown."""
+    if before is None or after is None:
+        return None
+    restarted = sorted(set(before.worker_ids) - set(after.worker_ids)) if before.worker_ids and after.worker_ids else []
+    return {"workers": after.workers, "ready": after.ready_workers, "restarted": len(restarted),
+            "not_ready": max(0, after.workers - after.ready_workers)}  # fmt: skip
+
+
+def evaluate_interval(
+    prod: dict[str, Any], cand: dict[str, Any], wer: dict[str, Any], cfg: CanaryConfig,
+    workers: dict[str, Any] | None = None,
+) -> tuple[bool, list[dict[str, Any]]]:
+    """Apply the thresholds to one interval's measurements; ``(passed, checks)``.
+
+    ``workers`` (:func:`worker_health`) adds the check ``candidate_workers``: a candidate
+    worker that crashed and was restarted during the interval, or one not ready at its end,
+    fails it, whether or not a request happened to hit the crash.
+    """
     checks = []
+    if workers is not None:
+        bad = workers["restarted"] + workers["not_ready"]
+        checks.append(
+            _check("candidate_workers", bad == 0 and workers["ready"] >= 1, bad, 0,
+                   f"{workers['restarted']} restarted, {workers['not_ready']} not ready of {workers['workers']} "
+                   "candidate workers")  # fmt: skip
+        )
     checks.append(
         _check("traffic", cand["requests"] >= cfg.min_canary_requests, cand["requests"], cfg.min_canary_requests,
                "canary requests in the interval")  # fmt: skip
@@ -707,6 +731,7 @@ def _canary(
         started = time.monotonic()
         mark = router.log_mark()
         before = _safe_counters(backend)
+        workers_before = _safe_version(backend, candidate)
         replies = replay_interval(router, utts, production=production, candidate=candidate, offset=offset[0], cfg=cfg)
         offset[0] += cfg.window_requests + cfg.paired_requests
         routed = _router_log(router, mark, expected=sum(1 for r in replies if r.status))
@@ -714,7 +739,8 @@ def _canary(
         prod = version_stats(production, replies, routed, after.get(production, VersionCounters()).minus(before.get(production)) if after else None)
         cand = version_stats(candidate, replies, routed, after.get(candidate, VersionCounters()).minus(before.get(candidate)) if after else None)
         wer = paired_wer(replies, utts, production, candidate)
-        passed, checks = evaluate_interval(prod, cand, wer, cfg)
+        workers = worker_health(workers_before, _safe_version(backend, candidate))
+        passed, checks = evaluate_interval(prod, cand, wer, cfg, workers)
         split = [r for r in replies if r.kind == "split"]
         return {
             "index": index,
@@ -724,6 +750,7 @@ def _canary(
             "production": prod,
             "candidate": cand,
             "wer": wer,
+            "workers": workers,
             "replayed": len(replies),
             "split_requests": len(split),
             "split_to_candidate": sum(1 for r in split if r.version == candidate),
@@ -732,6 +759,13 @@ def _canary(
         }
 
     return run_steps(cfg, apply_weight, measure)
+
+
+def _safe_version(backend: ServingBackend, version: str) -> VersionInfo | None:
+    try:
+        return next((v for v in backend.versions() if v.version == version), None)
+    except Exception:  # noqa: BLE001 - a management API hiccup is no verdict on the candidate
+        return None
 
 
 def _safe_counters(backend: ServingBackend) -> dict[str, VersionCounters]:

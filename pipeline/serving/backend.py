@@ -49,6 +49,7 @@ class VersionInfo:
     is_default: bool = False
     workers: int = 0
     ready_workers: int = 0
+    worker_ids: tuple[str, ...] = ()  # e.g. process ids: a changed id is a restarted (crashed) worker
     extra: dict = field(default_factory=dict)
 
 

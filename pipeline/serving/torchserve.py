@@ -381,6 +381,7 @@ class TorchServe(ServingBackend):
                     is_default=str(m["modelVersion"]) == default,
                     workers=len(workers),
                     ready_workers=sum(1 for w in workers if w.get("status") == "READY"),
+                    worker_ids=tuple(sorted(str(w.get("pid") or w.get("id")) for w in workers)),
                     extra={"modelUrl": m.get("modelUrl"), "batchSize": m.get("batchSize")},
                 )
             )

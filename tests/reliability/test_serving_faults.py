@@ -261,7 +261,11 @@ def test_worker_crashes_during_the_canary_roll_it_back(env, production, observe)
     assert "consecutive failing intervals" in record["reason"], record["reason"]
     failing = [i for i in intervals if not i["passed"]]
     assert len(failing) >= env.canary.max_consecutive_failures
-    assert all(i["candidate"]["errors"] > 0 for i in failing[-env.canary.max_consecutive_failures:]), failing
+    def crash_seen(i):  # by the requests that hit it, or by the worker check (restarted / not ready)
+        workers = next((c for c in i["checks"] if c["check"] == "candidate_workers"), None)
+        return i["candidate"]["errors"] > 0 or (workers is not None and not workers["passed"])
+
+    assert all(crash_seen(i) for i in failing[-env.canary.max_consecutive_failures:]), failing
     for i in intervals:  # production measured clean in the same windows
         assert i["production"]["errors"] == 0, i["production"]
     # production untouched, canary gone
@@ -280,7 +284,8 @@ def test_worker_crashes_during_the_canary_roll_it_back(env, production, observe)
     observe(
         f"{len(killer.kills)} SIGKILLs of candidate workers ({len({p for _, p in killer.kills})} pids, TorchServe restarted "
         f"each); {record['outcome']} after {len(intervals)} intervals in {took:.0f} s: {record['reason']}; candidate "
-        f"errors per failing interval {[i['candidate']['errors'] for i in failing]} ({'; '.join(samples)[:120]}); "
+        f"errors per failing interval {[i['candidate']['errors'] for i in failing]} ({'; '.join(samples)[:120]}), "
+        f"worker restarts seen {[(i.get('workers') or {}).get('restarted') for i in failing]}; "
         f"production: {len(prod_side)} client requests all 200, still default, router 100 %, state unchanged, "
         "its worker pid unchanged"
     )

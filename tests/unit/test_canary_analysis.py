@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from pipeline.canary import PROMOTED, ROLLED_BACK, Reply, ReplayUtterance, evaluate_interval, paired_wer, run_steps, version_stats
+from pipeline.canary import (PROMOTED, ROLLED_BACK, Reply, ReplayUtterance, evaluate_interval, paired_wer, run_steps,
+                             version_stats, worker_health)
+from pipeline.serving.backend import VersionInfo
 from pipeline.serving.config import CanaryConfig
 from pipeline.serving.router import RoutedRequest, RouterError, check_weights, find_nginx, render_nginx_conf
 
@@ -149,3 +151,28 @@ def test_nginx_accepts_the_generated_conf(tmp_path, weights):
     proc = subprocess.run([nginx, "-t", "-q", "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "logs" / "e.log")],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "passed"),
+    [
+        (VersionInfo("c", workers=2, ready_workers=2, worker_ids=("10", "11")),
+         VersionInfo("c", workers=2, ready_workers=2, worker_ids=("10", "11")), True),
+        (VersionInfo("c", workers=2, ready_workers=2, worker_ids=("10", "11")),
+         VersionInfo("c", workers=2, ready_workers=2, worker_ids=("10", "12")), False),  # one crashed, restarted
+        (VersionInfo("c", workers=2, ready_workers=2, worker_ids=("10", "11")),
+         VersionInfo("c", workers=2, ready_workers=1, worker_ids=("10", "11")), False),  # one not ready
+        (VersionInfo("c", workers=1, ready_workers=1), VersionInfo("c", workers=1, ready_workers=1), True),  # no ids
+    ],
+)
+def test_a_crashed_candidate_worker_fails_the_interval_without_any_error_seen(before, after, passed):
+    workers = worker_health(before, after)
+    ok, checks = evaluate_interval(stats(), stats(), NO_WER, CanaryConfig(), workers)
+    check = next(c for c in checks if c["check"] == "candidate_workers")
+    assert ok is passed and check["passed"] is passed and "candidate workers" in check["detail"]
+
+
+def test_unknown_worker_state_adds_no_check():
+    assert worker_health(None, VersionInfo("c")) is None
+    _, checks = evaluate_interval(stats(), stats(), NO_WER, CanaryConfig(), None)
+    assert "candidate_workers" not in {c["check"] for c in checks}
