@@ -173,7 +173,12 @@ class TrainConfig(_Section):
     dev_fraction: float = Field(0.05, gt=0, lt=1, description="share of the pool held out for full-training dev")
     num_workers: int = Field(2, ge=1, le=256, description="DDP workers for full training (Ray Train)")
     use_gpu: bool = False
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, description="full training: restarts from the last checkpoint after a lost worker")
+    hang_timeout_s: int = Field(
+        600, ge=10, le=86400,
+        description="full training: a worker that stops answering (a hung node) or a collective stuck this long "
+        "fails the attempt, which then restarts from the last checkpoint",
+    )
 
 
 class SearchConfig(_Section):

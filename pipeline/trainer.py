@@ -3,8 +3,9 @@
 The stage ``train`` trains on the run's whole feature set (the training pool minus a
 seeded dev split, ``train.dev_fraction``), with ``train.num_workers`` DDP workers (gloo
 on CPU, NCCL on GPU), ``FailureConfig(max_failures)`` so a lost worker restarts from the
-last checkpoint, and rank 0 alone checkpointing. The experiment lives in the run's work
-area under a fixed name, so a retried stage (the driver died) resumes from its last
+last checkpoint (a hung one too, after ``train.hang_timeout_s``: Ray Train's worker health
+check and the collectives' timeout), and rank 0 alone checkpointing. The experiment lives
+in the run's work area under a fixed name, so a retried stage (the driver died) resumes from its last
 checkpoint: Ray Train V2 picks up a run whose (storage_path, name) it finds. Restarts are
 recorded in ``metrics.json`` as ``resumed_from`` (the epochs training continued from).
 The best epoch by dev WER is exported (``runs/{run_id}/train/model.pt``) with
@@ -27,6 +28,7 @@ from pipeline.run import RunContext
 
 STAGE = "train"
 STATE_FILE = "state.pt"
+WORKER_HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -102,7 +104,7 @@ def train_full(
 
 def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str | None, epochs: int | None) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.compute import ensure_ray, ray_storage
     from pipeline.dataset import split_by_utterance
@@ -126,6 +128,8 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
     train_idx, dev_idx = split_by_utterance(index["utterances"], train_cfg.dev_fraction, train_cfg.seed)
     ensure_ray(config)
     storage_path, storage_fs = ray_storage(ctx, STAGE)
+    # a hung worker: the controller's health check gives up on it, the live ranks' collectives time out
+    os.environ[WORKER_HEALTH_CHECK_TIMEOUT_ENV] = str(train_cfg.hang_timeout_s)  # propagated to the controller by Ray Train
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -139,6 +143,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
             "threads": max(1, (os.cpu_count() or 1) // train_cfg.num_workers),
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
+        torch_config=TorchConfig(timeout_s=train_cfg.hang_timeout_s),
         run_config=RunConfig(
             name="ddp",
             storage_path=storage_path,

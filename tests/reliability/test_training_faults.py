@@ -1,13 +1,16 @@
-"""Reliability scenario 2 (full training): a lost DDP worker, and a driver that dies mid-stage.
+"""Reliability scenario 2 (full training): a lost DDP worker, a hung one, and a driver that dies mid-stage.
 
 A small real pipeline run (demo corpus, ingest, features) trains with 2 gloo DDP workers
 through Ray Train. A worker SIGKILLed mid-epoch is replaced and training continues from
-the last checkpoint (``FailureConfig``); a driver killed with its whole process group is
-followed by a retried stage that resumes from the checkpoints in the run's work area.
+the last checkpoint (``FailureConfig``); a worker frozen with SIGSTOP is declared dead
+after ``train.hang_timeout_s`` and replaced the same way; a driver killed with its whole
+process group is followed by a retried stage that resumes from the checkpoints in the
+run's work area.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -36,10 +39,11 @@ RUN = "train-faults"
 EPOCHS = 5
 
 
-def _config(max_failures: int) -> Config:
+def _config(max_failures: int, hang_timeout_s: int = 600) -> Config:
     return Config(
         demo=DemoConfig(weeks=1, utterances_per_week=120, golden_utterances=8, max_digits=3),
-        train=TrainConfig(epochs=EPOCHS, batch_size=8, num_workers=2, max_failures=max_failures, warmup_steps=5),
+        train=TrainConfig(epochs=EPOCHS, batch_size=8, num_workers=2, max_failures=max_failures, warmup_steps=5,
+                          hang_timeout_s=hang_timeout_s),  # fmt: skip
     )
 
 
@@ -56,10 +60,10 @@ def prepared(tmp_path_factory) -> Path:
     return root
 
 
-def _copy(prepared: Path, tmp_path: Path, max_failures: int) -> RunContext:
+def _copy(prepared: Path, tmp_path: Path, max_failures: int, **kw) -> RunContext:
     root = tmp_path / "store"
     shutil.copytree(prepared, root)
-    return RunContext(run_id=RUN, config=_config(max_failures), store=open_store(str(root)))
+    return RunContext(run_id=RUN, config=_config(max_failures, **kw), store=open_store(str(root)))
 
 
 def _checkpoints(ctx: RunContext) -> list[str]:
@@ -129,6 +133,55 @@ def test_lost_training_worker_resumes_from_the_last_checkpoint(prepared, tmp_pat
             f"{killed['registered']} registered by the controller; "
             f"restarted from epoch {resumed}; {redone} finished epoch(s) trained again plus the one in flight; "
             f"{len(history)}/{EPOCHS} epochs in history")
+
+
+HANG_TIMEOUT_S = 20
+
+
+@pytest.mark.slow
+@pytest.mark.scenario(2, expected="a DDP worker that hangs (SIGSTOP: a frozen node) is declared dead after "
+                                   "train.hang_timeout_s; training restarts from the last registered checkpoint "
+                                   "and completes, instead of waiting forever")
+def test_hung_training_worker_is_replaced_after_the_hang_timeout(prepared, tmp_path, observe):
+    from pipeline.trainer import train_full
+
+    ctx = _copy(prepared, tmp_path, max_failures=2, hang_timeout_s=HANG_TIMEOUT_S)
+    frozen: dict = {}
+
+    def freeze():
+        deadline = time.time() + 600
+        while time.time() < deadline and not frozen:
+            registered = _registered(ctx)
+            workers = _train_workers()
+            if registered >= 2 and len(workers) >= 2:
+                victim = workers[-1]
+                frozen.update(pid=victim.pid, registered=registered, at=time.monotonic())
+                victim.send_signal(signal.SIGSTOP)  # alive but answering nothing: a hung node
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=freeze, daemon=True)
+    watcher.start()
+    try:
+        summary = train_full(ctx)
+        finished = time.monotonic()
+    finally:
+        watcher.join(5)
+        if frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen["pid"], signal.SIGKILL)
+        import ray
+
+        ray.shutdown()
+    assert frozen, "no training worker was frozen"
+    history = json.loads(ctx.store.get_text(f"runs/{RUN}/train/history.json"))
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert len(summary["resumed_from"]) == 1 and summary["resumed_from"][0] >= frozen["registered"], summary
+    recovered_in = finished - frozen["at"]
+    assert recovered_in >= HANG_TIMEOUT_S * 0.9  # it was the timeout that freed it, not a crash
+    observe(f"worker pid {frozen['pid']} SIGSTOPped with {frozen['registered']} checkpoints registered; hang "
+            f"timeout {HANG_TIMEOUT_S} s; restarted from epoch {summary['resumed_from'][0]}, {len(history)}/{EPOCHS} "
+            f"epochs, done {recovered_in:.0f} s after the freeze")
 
 
 _DRIVER = textwrap.dedent(
