@@ -29,9 +29,19 @@ def ensure_ray(config: Config) -> None:
         kwargs["address"] = config.ray.address
     else:
         kwargs["include_dashboard"] = False
+        kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.compute.quiet_ray_worker"}
         if config.ray.num_cpus:
             kwargs["num_cpus"] = config.ray.num_cpus
     ray.init(**kwargs)
+
+
+def quiet_ray_worker() -> None:
+    """Run in every worker of a local Ray (``worker_process_setup_hook``). Without the
+    dashboard there is no state API, so Ray Train's placement-group cleaner would warn
+    "Failed to query Ray Train Controller actor state" every second of every training run."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def ray_storage(ctx: RunContext, name: str) -> tuple[str, Any]:
