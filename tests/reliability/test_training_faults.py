@@ -88,35 +88,50 @@ def _train_workers() -> list[psutil.Process]:
     return out
 
 
-@pytest.mark.scenario(2, expected="a DDP worker SIGKILLed mid-training is replaced; training resumes from the last "
-                                   "registered checkpoint (not from scratch) and completes every epoch")
-def test_lost_training_worker_resumes_from_the_last_checkpoint(prepared, tmp_path, observe):
+def _train_with_a_signalled_worker(ctx: RunContext, sig: int) -> tuple[dict, dict, float]:
+    """Run the train stage; once 2 checkpoints are registered, send ``sig`` to one of its DDP workers.
+
+    Returns the stage's summary, what was signalled (pid, checkpoints registered and written,
+    when) and when training finished (monotonic).
+    """
     from pipeline.trainer import train_full
 
-    ctx = _copy(prepared, tmp_path, max_failures=2)
-    killed: dict = {}
+    hit: dict = {}
 
-    def preempt():
+    def watch():
         deadline = time.time() + 600
-        while time.time() < deadline and not killed:
+        while time.time() < deadline and not hit:
             registered = _registered(ctx)
             workers = _train_workers()
             if registered >= 2 and len(workers) >= 2:
                 victim = workers[-1]
-                killed.update(pid=victim.pid, registered=registered, written=len(_checkpoints(ctx)))
-                victim.send_signal(signal.SIGKILL)  # the spot node under one rank vanishes
+                hit.update(pid=victim.pid, registered=registered, written=len(_checkpoints(ctx)), at=time.monotonic())
+                victim.send_signal(sig)
                 return
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=preempt, daemon=True)
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         summary = train_full(ctx)
+        return summary, hit, time.monotonic()
     finally:
         watcher.join(5)
+        if hit:  # a worker still stopped would outlive the test (a dead one's pid may be reused: check)
+            with contextlib.suppress(psutil.Error):
+                victim = psutil.Process(hit["pid"])
+                if victim.status() == psutil.STATUS_STOPPED:
+                    victim.kill()
         import ray
 
         ray.shutdown()
+
+
+@pytest.mark.scenario(2, expected="a DDP worker SIGKILLed mid-training is replaced; training resumes from the last "
+                                   "registered checkpoint (not from scratch) and completes every epoch")
+def test_lost_training_worker_resumes_from_the_last_checkpoint(prepared, tmp_path, observe):
+    ctx = _copy(prepared, tmp_path, max_failures=2)
+    summary, killed, _ = _train_with_a_signalled_worker(ctx, signal.SIGKILL)  # the spot node under one rank vanishes
     assert killed, "no training worker was killed"
     history = json.loads(ctx.store.get_text(f"runs/{RUN}/train/history.json"))
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
@@ -143,36 +158,9 @@ HANG_TIMEOUT_S = 20
                                    "train.hang_timeout_s; training restarts from the last registered checkpoint "
                                    "and completes, instead of waiting forever")
 def test_hung_training_worker_is_replaced_after_the_hang_timeout(prepared, tmp_path, observe):
-    from pipeline.trainer import train_full
-
     ctx = _copy(prepared, tmp_path, max_failures=2, hang_timeout_s=HANG_TIMEOUT_S)
-    frozen: dict = {}
-
-    def freeze():
-        deadline = time.time() + 600
-        while time.time() < deadline and not frozen:
-            registered = _registered(ctx)
-            workers = _train_workers()
-            if registered >= 2 and len(workers) >= 2:
-                victim = workers[-1]
-                frozen.update(pid=victim.pid, registered=registered, at=time.monotonic())
-                victim.send_signal(signal.SIGSTOP)  # alive but answering nothing: a hung node
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=freeze, daemon=True)
-    watcher.start()
-    try:
-        summary = train_full(ctx)
-        finished = time.monotonic()
-    finally:
-        watcher.join(5)
-        if frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(frozen["pid"], signal.SIGKILL)
-        import ray
-
-        ray.shutdown()
+    # SIGSTOP: alive but answering nothing, a hung node
+    summary, frozen, finished = _train_with_a_signalled_worker(ctx, signal.SIGSTOP)
     assert frozen, "no training worker was frozen"
     history = json.loads(ctx.store.get_text(f"runs/{RUN}/train/history.json"))
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
