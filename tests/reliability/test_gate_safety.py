@@ -75,6 +75,14 @@ def _with_production(env) -> None:
     assert registry.aliases(env["config"].mlflow) == {"challenger": "1", "production": "1"}
 
 
+def _worse_candidate_after_production(env, run_id: str) -> RunContext:
+    """Production in place (mute), then a run whose candidate is the worse model (babble)."""
+    _with_production(env)
+    ctx = _ctx(env, run_id)
+    put_candidate(ctx, env["models"]["babble"])
+    return ctx
+
+
 def _refused(env, ctx: RunContext) -> dict:
     """The gate's decision; and register refuses it, changing nothing in the registry."""
     before = _registry_state(env)
@@ -89,9 +97,7 @@ def _refused(env, ctx: RunContext) -> dict:
 @pytest.mark.scenario(8, expected="a worse candidate fails the gate; register refuses it; production alias and "
                                    "versions unchanged; an empty force reason is refused")
 def test_worse_candidate_is_never_registered(env, observe):
-    _with_production(env)
-    ctx = _ctx(env, "week-02")
-    put_candidate(ctx, env["models"]["babble"])
+    ctx = _worse_candidate_after_production(env, "week-02")
     summary = gate(ctx, settings=GATE)
     assert summary["passed"] is False and summary["forced"] is False
     decision = _refused(env, ctx)
@@ -142,9 +148,7 @@ def test_candidate_lacking_a_group_fails(env, observe):
 @pytest.mark.scenario(8, expected="only an explicit force with a reason lets a failed candidate through, and the "
                                    "force is recorded in the decision, the report and the registered version")
 def test_force_is_explicit_and_recorded(env, observe):
-    _with_production(env)
-    ctx = _ctx(env, "week-03")
-    put_candidate(ctx, env["models"]["babble"])
+    ctx = _worse_candidate_after_production(env, "week-03")
     assert gate(ctx, settings=GATE)["passed"] is False
     reason = "INC-1234: production misbehaves on new hardware; ship the retrained model, re-gate next week"
     forced = gate(ctx, settings=GATE, force_reason=reason, actor="oncall@example.com")
