@@ -35,7 +35,7 @@ when their stage lands; until then the first task logs a warning if one is set.
 
 **Alerts.** A failed task (after its retries) and a failed run write one
 `ASR-RETUNE ALERT [...]` line to the log and call the hooks configured in the environment
-(`pipeline/alerts.py`: Slack-style webhook, a Python hook for PagerDuty, a local file).
+(`pipeline/airflow/alerts.py`: Slack-style webhook, a Python hook for PagerDuty, a local file).
 
 **On call.** *Browse → ASR gating reports* (plugin `plugins/asr_reports.py`) lists the
 runs with their gate decision and serves each report.
@@ -58,7 +58,7 @@ from typing import Any
 
 from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, chain, dag, task
 
-from pipeline import alerts
+from pipeline.airflow import alerts
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def asr_weekly_retune():
         outlets=[TRAINING_POOL],
     )
     def ingest(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.ingest import ingest as run_ingest
+        from pipeline.stages.ingest.stage import ingest as run_ingest
 
         _warn_inactive(context["params"])
         ctx = _run_context(run_id)
@@ -321,7 +321,7 @@ def asr_weekly_retune():
         pool=COMPUTE_POOL,
     )
     def features(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.features import extract_features
+        from pipeline.stages.features import extract_features
 
         ctx = _run_context(run_id)
         with _fault_point(ctx, "features", context):
@@ -334,7 +334,7 @@ def asr_weekly_retune():
         execution_timeout=dt.timedelta(minutes=30),
     )
     def proxy(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.proxy import sample_proxy
+        from pipeline.stages.proxy import sample_proxy
 
         ctx = _run_context(run_id)
         with _fault_point(ctx, "proxy", context):
@@ -348,7 +348,7 @@ def asr_weekly_retune():
         pool=COMPUTE_POOL,
     )
     def search(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.search import search as run_search
+        from pipeline.stages.search.stage import search as run_search
 
         ctx, p = _run_context(run_id), context["params"]
         budget = p.get("search_budget_minutes")
@@ -364,7 +364,7 @@ def asr_weekly_retune():
         pool=COMPUTE_POOL,
     )
     def train(run_id: str, hparams: dict[str, Any] | None = None, **context) -> dict[str, Any]:
-        from pipeline.trainer import train_full
+        from pipeline.stages.train import train_full
 
         ctx = _run_context(run_id)
         with _fault_point(ctx, "train", context):
@@ -378,7 +378,7 @@ def asr_weekly_retune():
         pool=COMPUTE_POOL,
     )
     def gate(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.gate import gate as run_gate
+        from pipeline.stages.gate.stage import gate as run_gate
 
         ctx, p = _run_context(run_id), context["params"]
         if p.get("force_promote") and not (p.get("force_reason") or "").strip():
@@ -399,7 +399,7 @@ def asr_weekly_retune():
         outlets=[REGISTERED_MODEL],
     )
     def register(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.registry import register as run_register
+        from pipeline.stages.register import register as run_register
 
         ctx = _run_context(run_id)
         with _fault_point(ctx, "register", context):
@@ -412,7 +412,7 @@ def asr_weekly_retune():
         execution_timeout=dt.timedelta(minutes=10),
     )
     def report_no_change(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.gate import read_decision
+        from pipeline.stages.gate.stage import read_decision
 
         ctx = _run_context(run_id)
         decision = read_decision(ctx)
@@ -429,7 +429,7 @@ def asr_weekly_retune():
     def deploy(run_id: str, **context) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.canary import deploy_registered
+        from pipeline.stages.deploy.stage import deploy_registered
 
         p = context["params"]
         if p.get("skip_deploy"):

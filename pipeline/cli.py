@@ -39,7 +39,7 @@ def cmd_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.corpus import build_demo_corpus
+    from pipeline.demo.corpus import build_demo_corpus
     from pipeline.storage import open_store
 
     config = load_config(args.config)
@@ -56,31 +56,31 @@ def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest.stage import ingest
 
     return ingest(_context(args), progress=not args.quiet)
 
 
 def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.features import extract_features
+    from pipeline.stages.features import extract_features
 
     return extract_features(_context(args), progress=not args.quiet)
 
 
 def cmd_proxy(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.proxy import sample_proxy
+    from pipeline.stages.proxy import sample_proxy
 
     return sample_proxy(_context(args), fraction=args.fraction, seed=args.seed)
 
 
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.search import search
+    from pipeline.stages.search.stage import search
 
     return search(_context(args), trials=args.trials, budget_s=args.budget, progress=not args.quiet)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
 
     hparams = None
     if args.hparams:
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.evaluation import evaluate
+    from pipeline.asr.evaluation import evaluate
     from pipeline.storage import open_store
 
     config = load_config(args.config)
@@ -107,32 +107,32 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.evaluation import transcribe_files
+    from pipeline.asr.evaluation import transcribe_files
 
     return transcribe_files(args.model, args.files)
 
 
 def cmd_gate(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.gate import gate
+    from pipeline.stages.gate.stage import gate
 
     return gate(_context(args), candidate_key=args.candidate, force_reason=args.force_reason, actor=args.actor)
 
 
 def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.registry import register
+    from pipeline.stages.register import register
 
     return register(_context(args), actor=args.actor)
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.registry import promote
+    from pipeline.stages.register import promote
 
     return promote(_context(args), args.version, reason=args.reason, actor=args.actor)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.canary import rollback_serving
-    from pipeline.registry import rollback
+    from pipeline.stages.deploy.stage import rollback_serving
+    from pipeline.stages.register import rollback
 
     ctx = _context(args)
     result: dict[str, Any] = {}
@@ -144,8 +144,8 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.canary import deploy, deploy_registered
-    from pipeline.registry import promote
+    from pipeline.stages.deploy.stage import deploy, deploy_registered
+    from pipeline.stages.register import promote
 
     ctx = _context(args)
     if not args.model_key and not args.version:
@@ -160,20 +160,20 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.canary import serving_status, stop_serving
+    from pipeline.stages.deploy.stage import serving_status, stop_serving
 
     config = load_config(args.config)
     return serving_status(config) if args.action == "status" else stop_serving(config)
 
 
 def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.registry import registry_history
+    from pipeline.stages.register import registry_history
 
     return registry_history(_context(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.weekly import run_demo, run_demo_airflow
+    from pipeline.demo.weekly import run_demo, run_demo_airflow
 
     config = load_config(args.config)
     runner = run_demo_airflow if args.airflow else run_demo

@@ -1,6 +1,6 @@
 """Airflow 3 plugin: on-call engineers browse the gating reports of ``asr_weekly_retune``.
 
-Mounts the FastAPI app of :mod:`pipeline.report_browser` under ``/asr-reports`` of the
+Mounts the FastAPI app of :mod:`pipeline.airflow.report_browser` under ``/asr-reports`` of the
 Airflow API server and adds a *Browse* menu entry ("ASR gating reports") that shows it
 inside the Airflow UI. The app lists the runs in the configured object store with their
 gate decision and serves each run's HTML report; it reads the store named by the pipeline
@@ -21,7 +21,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from airflow.plugins_manager import AirflowPlugin
-from pipeline.report_browser import create_app
+from pipeline.airflow.report_browser import create_app
 
 DAG_ID = "asr_weekly_retune"
 URL_PREFIX = "/asr-reports"

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import FeatureConfig, ModelConfig
-from pipeline.export import export_model
-from pipeline.frontend import frontend_settings
-from pipeline.model import ASRModel
-from pipeline.vocab import TOKENS, vocab_size
+from pipeline.asr.export import export_model
+from pipeline.asr.frontend import frontend_settings
+from pipeline.asr.model import ASRModel
+from pipeline.asr.vocab import TOKENS, vocab_size
 
 TINY = ModelConfig(encoder="transformer", d_model=32, num_layers=1, attention_heads=4, ffn_mult=1, subsample_channels=8)
 

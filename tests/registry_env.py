@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import registry
+from pipeline.stages import register as registry
 from pipeline.config import DemoConfig
 from pipeline.run import RunContext
 from pipeline.storage import open_store
@@ -21,7 +21,7 @@ HISTORY = [{"epoch": e, "train_loss": 3.0 / e, "dev_wer": 1.0 / (e + 1)} for e i
 
 
 def build_golden_store(root: Path, golden_utterances: int = 40) -> Path:
-    from pipeline.corpus import build_demo_corpus
+    from pipeline.demo.corpus import build_demo_corpus
 
     demo = DemoConfig(weeks=1, utterances_per_week=2, golden_utterances=golden_utterances, synthetic_fraction=0.0)
     build_demo_corpus(open_store(str(root)), demo, 8000, progress=False)

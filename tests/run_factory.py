@@ -7,10 +7,10 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, DemoConfig, ProxyConfig, SearchConfig, TrainConfig
-from pipeline.corpus import build_demo_corpus
-from pipeline.features import extract_features
-from pipeline.ingest import ingest
-from pipeline.proxy import sample_proxy
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.stages.features import extract_features
+from pipeline.stages.ingest.stage import ingest
+from pipeline.stages.proxy import sample_proxy
 from pipeline.run import RunContext
 from pipeline.storage import open_store
 

@@ -27,18 +27,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline.canary import deploy, open_router
+from pipeline.stages.deploy.stage import deploy, open_router
 from pipeline.config import Config, FeatureConfig, ModelConfig
-from pipeline.export import export_model
-from pipeline.frontend import frontend_settings
-from pipeline.manifest import Utterance, write_manifest
-from pipeline.model import ASRModel
+from pipeline.asr.export import export_model
+from pipeline.asr.frontend import frontend_settings
+from pipeline.data.manifest import Utterance, write_manifest
+from pipeline.asr.model import ASRModel
 from pipeline.run import RunContext
 from pipeline.serving.config import CanaryConfig, ServingConfig
 from pipeline.serving.router import ROUTED_VERSION_HEADER, find_nginx
 from pipeline.serving.torchserve import TorchServe
 from pipeline.storage import LocalStore
-from pipeline.vocab import vocab_size
+from pipeline.asr.vocab import vocab_size
 from wavfactory import make_audio
 
 GOLDEN = "t1"

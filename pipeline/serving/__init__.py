@@ -8,7 +8,7 @@
 * :mod:`pipeline.serving.istio` -- ``IstioRouter`` (VirtualService weights via the Kubernetes API)
 * :mod:`pipeline.serving.config` -- ``ServingConfig`` / ``CanaryConfig``
 
-The canary itself (stage ``deploy``) is :mod:`pipeline.canary`. Importing this package imports
+The canary itself (stage ``deploy``) is :mod:`pipeline.stages.deploy.stage`. Importing this package imports
 nothing else (``pipeline.config`` reads the section models from :mod:`pipeline.serving.config`
 at DAG parse time); import the submodules directly.
 """

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project, whe
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from pipeline.canary import deploy, load_replay_set, open_router  # noqa: E402
+from pipeline.stages.deploy.stage import deploy, load_replay_set, open_router  # noqa: E402
 from pipeline.config import Config, FeatureConfig, ModelConfig  # noqa: E402
-from pipeline.manifest import Utterance, write_manifest  # noqa: E402
+from pipeline.data.manifest import Utterance, write_manifest  # noqa: E402
 from pipeline.run import RunContext  # noqa: E402
 from pipeline.serving.config import CanaryConfig, ServingConfig  # noqa: E402
 from pipeline.serving.router import ROUTED_VERSION_HEADER  # noqa: E402
@@ -65,10 +65,10 @@ def synthetic_golden(store: ObjectStore, n: int = 40) -> None:
 def tiny_model(path: Path) -> None:
     import torch
 
-    from pipeline.export import export_model
-    from pipeline.frontend import frontend_settings
-    from pipeline.model import ASRModel
-    from pipeline.vocab import vocab_size
+    from pipeline.asr.export import export_model
+    from pipeline.asr.frontend import frontend_settings
+    from pipeline.asr.model import ASRModel
+    from pipeline.asr.vocab import vocab_size
 
     torch.manual_seed(0)
     export_model(ASRModel(ModelConfig(d_model=64, num_layers=1), 40, vocab_size()), frontend_settings(FeatureConfig(), 8000),

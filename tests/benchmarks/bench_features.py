@@ -34,8 +34,8 @@ import soundfile as sf
 import torch
 
 from pipeline.config import Config, FeatureConfig
-from pipeline.features import CACHE_PREFIX, FrontEnd, extract_features
-from pipeline.pool import POOL_PREFIX, read_pool
+from pipeline.stages.features import CACHE_PREFIX, FrontEnd, extract_features
+from pipeline.data.pool import POOL_PREFIX, read_pool
 from pipeline.run import RunContext
 from pipeline.storage import LocalStore, ObjectStore, open_store
 from pool_factory import make_specs, write_pool

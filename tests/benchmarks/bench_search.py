@@ -23,16 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import Config, DemoConfig, ProxyConfig, SearchConfig
-from pipeline.corpus import build_demo_corpus
-from pipeline.features import extract_features
-from pipeline.ingest import ingest
-from pipeline.proxy import sample_proxy
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.stages.features import extract_features
+from pipeline.stages.ingest.stage import ingest
+from pipeline.stages.proxy import sample_proxy
 from pipeline.run import RunContext
 from pipeline.storage import open_store
 
 
 def _run(root: Path, name: str, search: SearchConfig, utterances: int) -> tuple[dict, list[dict]]:
-    from pipeline.search import search as run_search
+    from pipeline.stages.search.stage import search as run_search
 
     config = Config(
         demo=DemoConfig(weeks=1, utterances_per_week=utterances, golden_utterances=10),

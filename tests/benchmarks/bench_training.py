@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, DemoConfig, TrainConfig
-from pipeline.corpus import build_demo_corpus
-from pipeline.dataset import IndexedFeatures
-from pipeline.features import FeatureStore, extract_features
-from pipeline.ingest import ingest
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.data.dataset import IndexedFeatures
+from pipeline.stages.features import FeatureStore, extract_features
+from pipeline.stages.ingest.stage import ingest
 from pipeline.run import RunContext
 from pipeline.storage import open_store
-from pipeline.training import build_model, build_optimizer, collate, make_batches
+from pipeline.asr.training import build_model, build_optimizer, collate, make_batches
 
 
 def _prepare(root: Path, utterances: int, epochs: int, workers: int) -> RunContext:
@@ -88,7 +88,7 @@ def bench_loader(ctx: RunContext, repeats: int = 3) -> dict:
 
 
 def bench_ddp(root: Path, utterances: int, epochs: int) -> dict:
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
 
     out = {"benchmark": "ddp_workers", "epochs": epochs}
     for workers in (1, 2):

@@ -73,7 +73,7 @@ def airflow_env(tmp: Path, **extra: str) -> dict[str, str]:
 def _decision(run_id: str, *, passed: bool, forced: bool = False, reason: str | None = None,
               cold: bool = False, failing: list[str] | None = None, cand: float = 0.041,
               prod: float | None = 0.052, ci: tuple[float, float] | None = (-0.019, -0.003)) -> dict:
-    """A decision in the layout ``pipeline/gate.py`` writes (the fields the browser reads)."""
+    """A decision in the layout ``pipeline/stages/gate/stage.py`` writes (the fields the browser reads)."""
     return {
         "run_id": run_id,
         "decided_at": "2026-12-01T10:30:00+00:00",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import alerts
+from pipeline.airflow import alerts
 
 SECRET_URL = "https://hooks.slack.example/services/T000/B000/very-secret-token"
 

@@ -48,7 +48,7 @@ def _airflow(args: list[str], env: dict[str, str], timeout: float, log: Path | N
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     from pipeline.config import load_config
-    from pipeline.corpus import build_demo_corpus
+    from pipeline.demo.corpus import build_demo_corpus
     from pipeline.storage import open_store
 
     tmp = tmp_path_factory.mktemp("dag-e2e")
@@ -172,9 +172,9 @@ def _normalized_files(root: Path) -> dict[str, bytes]:
 
 
 def test_retried_stages_produce_the_same_outputs_as_an_untroubled_run(e2e):
-    from pipeline.features import extract_features
-    from pipeline.ingest import ingest
-    from pipeline.proxy import sample_proxy
+    from pipeline.stages.features import extract_features
+    from pipeline.stages.ingest.stage import ingest
+    from pipeline.stages.proxy import sample_proxy
     from pipeline.run import RunContext
     from pipeline.storage import open_store
 

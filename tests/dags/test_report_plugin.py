@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from dag_test_support import NEWEST_FIRST, PLUGINS_DIR, REPORT_RUNS, populate_reports, report_html
-from pipeline.report_browser import create_app, list_runs, safe_root
+from pipeline.airflow.report_browser import create_app, list_runs, safe_root
 
 PASSED = "scheduled__2026-11-23T03:00:00+00:00"
 FAILED = "scheduled__2026-11-30T03:00:00+00:00"

@@ -15,7 +15,7 @@ import json
 import pytest
 import requests
 
-from pipeline.canary import PROMOTED, ROLLED_BACK, DeployError, deploy, read_serving_state, rollback_serving
+from pipeline.stages.deploy.stage import PROMOTED, ROLLED_BACK, DeployError, deploy, read_serving_state, rollback_serving
 from pipeline.serving.archive import ArchiveError, ModelArchive, build_archive
 from pipeline.serving.router import ROUTED_VERSION_HEADER
 from serving_env import FAIL_ABOVE_S, MODEL_KEY, Traffic, deploy_version, make_ctx, running_env

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import FeatureConfig
-from pipeline.features import FeatureStore, FrontEnd, compute_log_mel, extract_features
-from pipeline.proxy import sample_proxy
+from pipeline.stages.features import FeatureStore, FrontEnd, compute_log_mel, extract_features
+from pipeline.stages.proxy import sample_proxy
 from pipeline.run import RunContext
 from pool_factory import make_specs, write_pool
 

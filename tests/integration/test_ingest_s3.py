@@ -16,10 +16,10 @@ import soundfile as sf
 
 from dropfactory import Drop, bucket_env, check_invariant, nan_audio, s3_credentials, snapshot, upload
 from faultproxy import Fault, FaultProxy
-from pipeline.audio import decode_audio
+from pipeline.data.audio import decode_audio
 from pipeline.config import IngestConfig, StorageConfig
-from pipeline.ingest import ingest
-from pipeline.manifest import read_manifest, resolve_audio_key
+from pipeline.stages.ingest.stage import ingest
+from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.run import RunContext
 from pipeline.storage import StorageError, open_store
 from wavfactory import make_audio, manifest_line, record, sha256

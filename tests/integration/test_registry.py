@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
+from pipeline.stages import register as registry
 from pipeline.config import Config, MlflowConfig
-from pipeline.export import load_exported
-from pipeline.gate import GateConfig, gate, read_decision
-from pipeline.registry import GateNotPassed, RegistryError
+from pipeline.asr.export import load_exported
+from pipeline.stages.gate.stage import GateConfig, gate, read_decision
+from pipeline.stages.register import GateNotPassed, RegistryError
 from pipeline.run import RunContext
 from mlflow_server import MlflowServer, free_port
 from model_factory import export_tiny

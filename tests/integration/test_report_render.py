@@ -14,9 +14,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.evaluation import UttScore
-from pipeline.gate import GateConfig, decide
-from pipeline.report import ReportInputs, changed_utterances, render_html, render_markdown, word_diff_html
+from pipeline.asr.evaluation import UttScore
+from pipeline.stages.gate.stage import GateConfig, decide
+from pipeline.stages.gate.report import ReportInputs, changed_utterances, render_html, render_markdown, word_diff_html
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def inputs(cold: bool = False) -> ReportInputs:
               "metric": "dev_wer", "best_metric": 0.08 + 0.03 * i, "stop_reason": "completed" if i < 3 else "asha_stopped",
               "curve": [[e, 0.5 / e] for e in range(1, 13 - i)], "resumed_from": [],
               "config": {"encoder": "conformer" if i % 2 else "lstm", "d_model": 144, "lr": 0.003 / (i + 1)}}
-             for i in range(14)]  # the shape pipeline.search writes
+             for i in range(14)]  # the shape pipeline.stages.search.stage writes
     history = [{"epoch": e, "train_loss": 2.5 * 0.8 ** e, "dev_wer": 0.6 * 0.82 ** e} for e in range(1, 13)]
     samples = [] if out.bootstrap is None else [float(x) for x in out.bootstrap["samples"]]
     return ReportInputs(decision, cand, None if cold else prod, samples, board, history)

@@ -22,7 +22,7 @@ def proxy_run(tmp_path_factory):
 def test_search_stops_weak_trials_and_tracks_everything(proxy_run):
     import mlflow
 
-    from pipeline.search import search
+    from pipeline.stages.search.stage import search
 
     ctx = proxy_run
     production = {"encoder": "conformer", "d_model": 64, "num_layers": 1, "attention_heads": 4, "lr": 1e-3, "optimizer": "adamw", "beta2": 0.98}
@@ -46,8 +46,8 @@ def test_search_stops_weak_trials_and_tracks_everything(proxy_run):
     assert (runs["tags.asr_kind"] == "trial").sum() == 5 and (runs["tags.asr_kind"] == "search").sum() == 1
     # a finished stage is skipped; the earlier run's best trials warm-start the next run
     assert search(ctx)["skipped"] is True
-    from pipeline.search import warm_start_points
-    from pipeline.space import load_space
+    from pipeline.stages.search.stage import warm_start_points
+    from pipeline.stages.search.space import load_space
 
     ctx2 = RunContext(run_id="search-2", config=ctx.config, store=ctx.store)
     points, sources = warm_start_points(ctx2, load_space(ctx.config.search.space_path()), None)

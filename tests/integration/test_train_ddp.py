@@ -7,11 +7,11 @@ import json
 import pytest
 
 from pipeline.config import Config, DemoConfig, TrainConfig
-from pipeline.corpus import build_demo_corpus
-from pipeline.evaluation import evaluate
-from pipeline.export import load_exported
-from pipeline.features import extract_features
-from pipeline.ingest import ingest
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.asr.evaluation import evaluate
+from pipeline.asr.export import load_exported
+from pipeline.stages.features import extract_features
+from pipeline.stages.ingest.stage import ingest
 from pipeline.run import RunContext
 from pipeline.storage import open_store
 
@@ -37,7 +37,7 @@ def pipeline_run(tmp_path_factory):
 
 
 def test_two_worker_ddp_run_completes_and_exports(pipeline_run, capfd):
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
 
     ctx = pipeline_run
     summary = train_full(ctx)

@@ -117,7 +117,7 @@ class Airflow:
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
     from pipeline.config import load_config
-    from pipeline.corpus import build_demo_corpus
+    from pipeline.demo.corpus import build_demo_corpus
     from pipeline.storage import open_store
 
     tmp = tmp_path_factory.mktemp("concurrent-triggers")

@@ -17,12 +17,12 @@ import pytest
 
 from mlflow_server import MlflowServer
 from model_factory import export_tiny
-from pipeline import registry
+from pipeline.stages import register as registry
 from pipeline.config import Config, MlflowConfig
-from pipeline.evaluation import evaluate_model
-from pipeline.export import load_exported
-from pipeline.gate import GateConfig, decide, gate, read_decision
-from pipeline.registry import GateNotPassed
+from pipeline.asr.evaluation import evaluate_model
+from pipeline.asr.export import load_exported
+from pipeline.stages.gate.stage import GateConfig, decide, gate, read_decision
+from pipeline.stages.register import GateNotPassed
 from pipeline.run import RunContext
 from registry_env import build_golden_store, isolate_registry, put_candidate
 
@@ -131,7 +131,7 @@ def test_candidate_lacking_a_group_fails(env, observe):
     store = _ctx(env, "lacks").store
     manifest = "golden/v1/manifest.jsonl"
     prod = evaluate_model(load_exported(env["models"]["mute"]), store, manifest).utts
-    from pipeline.gate import read_cohorts
+    from pipeline.stages.gate.stage import read_cohorts
 
     cohorts = read_cohorts(store.get_text(manifest))
     unseen = {u.speaker for u in prod if cohorts.get(u.utt_id) == "unseen"}

@@ -22,7 +22,7 @@ from faultproxy import FaultProxy
 from mlflow_server import MlflowServer
 from model_factory import export_tiny
 from registry_env import isolate_registry, put_candidate
-from pipeline import registry
+from pipeline.stages import register as registry
 from pipeline.config import Config, MlflowConfig
 from pipeline.run import RunContext
 

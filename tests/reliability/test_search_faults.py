@@ -38,7 +38,7 @@ def _trial_results(ctx) -> dict[str, list[dict]]:
 @pytest.mark.scenario(1, expected="a trial's worker killed mid-run resumes from its last checkpoint; the search "
                                    "finishes with no errored trial; work lost <= one epoch per kill")
 def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe):
-    from pipeline.search import search
+    from pipeline.stages.search.stage import search
 
     # no early stopping (grace = max) so every trial runs 4 epochs and can be preempted mid-run
     ctx = make_proxy_run(tmp_path, "preempt", trials=2, max_epochs=4, grace_period=4, max_failures=2)
@@ -81,7 +81,7 @@ _DRIVER = textwrap.dedent(
     import json, sys
     from pipeline.config import Config
     from pipeline.run import RunContext
-    from pipeline.search import search
+    from pipeline.stages.search.stage import search
     from pipeline.storage import open_store
     config = Config.model_validate(json.loads(sys.argv[1]))
     ctx = RunContext(run_id=sys.argv[3], config=config, store=open_store(sys.argv[2]))
@@ -93,7 +93,7 @@ _DRIVER = textwrap.dedent(
 @pytest.mark.scenario(2, expected="the search driver's machine dies mid-search; the retried stage restores the "
                                    "experiment (Tuner.restore) and trains no finished trial again")
 def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
-    from pipeline.search import search
+    from pipeline.stages.search.stage import search
 
     ctx = make_proxy_run(tmp_path, "crash", trials=4, max_epochs=3, grace_period=3, max_concurrent=1)
     driver = subprocess.Popen(

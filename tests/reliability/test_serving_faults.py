@@ -24,7 +24,7 @@ import pytest
 import requests
 import soundfile as sf
 
-from pipeline.canary import PROMOTED, ROLLED_BACK, read_serving_state
+from pipeline.stages.deploy.stage import PROMOTED, ROLLED_BACK, read_serving_state
 from serving_env import MAX_AUDIO_BYTES, Traffic, deploy_version, running_env
 from wavfactory import make_audio
 

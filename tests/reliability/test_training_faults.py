@@ -27,9 +27,9 @@ import psutil
 import pytest
 
 from pipeline.config import Config, DemoConfig, TrainConfig
-from pipeline.corpus import build_demo_corpus
-from pipeline.features import extract_features
-from pipeline.ingest import ingest
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.stages.features import extract_features
+from pipeline.stages.ingest.stage import ingest
 from pipeline.run import RunContext
 from pipeline.storage import open_store
 
@@ -94,7 +94,7 @@ def _train_with_a_signalled_worker(ctx: RunContext, sig: int) -> tuple[dict, dic
     Returns the stage's summary, what was signalled (pid, checkpoints registered and written,
     when) and when training finished (monotonic).
     """
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
 
     hit: dict = {}
 
@@ -178,7 +178,7 @@ _DRIVER = textwrap.dedent(
     from pipeline.config import Config
     from pipeline.run import RunContext
     from pipeline.storage import open_store
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
     config = Config.model_validate(json.loads(sys.argv[1]))
     train_full(RunContext(run_id=sys.argv[3], config=config, store=open_store(sys.argv[2])))
     """
@@ -189,7 +189,7 @@ _DRIVER = textwrap.dedent(
 @pytest.mark.scenario(2, expected="the training driver's machine dies mid-stage; the retried stage resumes from the "
                                    "last checkpoint in the run's work area instead of starting over")
 def test_crashed_training_driver_retry_resumes(prepared, tmp_path, observe):
-    from pipeline.trainer import train_full
+    from pipeline.stages.train import train_full
 
     ctx = _copy(prepared, tmp_path, max_failures=0)
     driver = subprocess.Popen(

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pipeline.canary import (PROMOTED, ROLLED_BACK, Reply, ReplayUtterance, evaluate_interval, paired_wer, run_steps,
+from pipeline.stages.deploy.stage import (PROMOTED, ROLLED_BACK, Reply, ReplayUtterance, evaluate_interval, paired_wer, run_steps,
                              version_stats, worker_health)
 from pipeline.serving.backend import VersionInfo
 from pipeline.serving.config import CanaryConfig

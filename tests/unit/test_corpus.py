@@ -1,4 +1,4 @@
-"""The demo corpus builder (pipeline.corpus) and eSpeak NG synthesis (pipeline.tts).
+"""The demo corpus builder (pipeline.demo.corpus) and eSpeak NG synthesis (pipeline.demo.tts).
 
 Small corpora (2 weeks x 40 utterances + 30 golden) are built once per module into
 LocalStores under tmp_path and shared by the read-only tests.
@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import DemoConfig
-from pipeline.corpus import (
+from pipeline.demo.corpus import (
     DEFECT_KINDS,
     DROP_SPEAKERS,
     DROP_TAKES,
@@ -31,8 +31,8 @@ from pipeline.corpus import (
     plan_week,
 )
 from pipeline.storage import LocalStore, ObjectStore
-from pipeline.text import DIGIT_WORDS, normalize_text
-from pipeline.tts import SpeechRequest, TtsError, synthesize, synthesize_isolated
+from pipeline.data.text import DIGIT_WORDS, normalize_text
+from pipeline.demo.tts import SpeechRequest, TtsError, synthesize, synthesize_isolated
 
 SAMPLE_RATE = 8000
 REQUIRED = {
@@ -352,7 +352,7 @@ def test_tts_errors_are_clear():
 def test_tts_unloadable_library_is_a_clear_error(monkeypatch):
     import espeakng_loader
 
-    import pipeline.tts as tts
+    import pipeline.demo.tts as tts
 
     monkeypatch.setattr(tts, "_engine", None)
     monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: "/nonexistent/libespeak-ng.so")

@@ -11,10 +11,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-import pipeline.features as features
+import pipeline.stages.features as features
 from pipeline.config import Config, FeatureConfig
-from pipeline.frontend import frontend_settings
-from pipeline.features import (
+from pipeline.asr.frontend import frontend_settings
+from pipeline.stages.features import (
     FeatureStore,
     FrontEnd,
     extract_features,
@@ -56,7 +56,7 @@ def test_frames_and_values_match_torchaudio_melspectrogram(store):
     fe = FrontEnd.from_config(FeatureConfig(), 8000)
     assert (fe.win_length, fe.hop_length, fe.n_fft) == (200, 80, 256)
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=8000, n_fft=256, win_length=200, hop_length=80, n_mels=40)
-    shared = fe.build_module()  # pipeline.frontend.LogMel: what training and the exported model use
+    shared = fe.build_module()  # pipeline.asr.frontend.LogMel: what training and the exported model use
     for i, row in enumerate(rows):
         wave = read_wave(store, row)
         feats, text = fs[i]

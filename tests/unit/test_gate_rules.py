@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation import UttScore
-from pipeline.gate import GateConfig, check_force_reason, decide, read_cohorts
+from pipeline.asr.evaluation import UttScore
+from pipeline.stages.gate.stage import GateConfig, check_force_reason, decide, read_cohorts
 
 GROUPS = ("USA/neutral", "DEU/German", "BEL/French", "GRC/Greek")
 WORDS = 5
@@ -210,7 +210,7 @@ def test_read_cohorts_from_golden_manifest():
 
 
 def test_gate_stage_refuses_an_empty_force_reason_before_any_work():
-    from pipeline.gate import gate
+    from pipeline.stages.gate.stage import gate
 
     class NoCtx:  # any access would fail: the reason is checked first
         def __getattr__(self, name):

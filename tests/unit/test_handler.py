@@ -13,12 +13,12 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import FeatureConfig, ModelConfig
-from pipeline.export import export_model, load_exported
-from pipeline.frontend import frontend_settings
-from pipeline.model import ASRModel
+from pipeline.asr.export import export_model, load_exported
+from pipeline.asr.frontend import frontend_settings
+from pipeline.asr.model import ASRModel
 from pipeline.serving import handler as handler_module
 from pipeline.serving.handler import ASRService
-from pipeline.vocab import vocab_size
+from pipeline.asr.vocab import vocab_size
 from wavfactory import make_audio
 
 ts_context = pytest.importorskip("ts.context")

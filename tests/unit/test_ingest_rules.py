@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
-from pipeline.ingest import (
+from pipeline.data.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
+from pipeline.stages.ingest.stage import (
     Reason,
     Rejected,
     check_audio_unique,

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import Config
-from pipeline.ingest import IngestError, _check_invariant, ingest
-from pipeline.manifest import read_manifest, resolve_audio_key
-from pipeline.pool import read_pool
+from pipeline.stages.ingest.stage import IngestError, _check_invariant, ingest
+from pipeline.data.manifest import read_manifest, resolve_audio_key
+from pipeline.data.pool import read_pool
 from pipeline.run import RunContext
 from pipeline.storage import ObjectStore, StorageError, open_store
 from wavfactory import make_audio, manifest_line, record, sha256

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config, ProxyConfig
-from pipeline.proxy import apportion, apportion_balanced, compute_tvd, sample_proxy
+from pipeline.stages.proxy import apportion, apportion_balanced, compute_tvd, sample_proxy
 from pipeline.run import RunContext
 from pipeline.storage import LocalStore
 from pool_factory import UttSpec, make_specs, write_pool

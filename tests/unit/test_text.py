@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.text import CHARSET, DIGIT_WORDS, find_out_of_charset, normalize_text
+from pipeline.data.text import CHARSET, DIGIT_WORDS, find_out_of_charset, normalize_text
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Hyperparameter search: Ray Tune ASHA + Optuna TPE on the proxy set.
 
-Stage ``search``: every trial runs the one training loop (:func:`pipeline.training.train_model`)
+Stage ``search``: every trial runs the one training loop (:func:`pipeline.asr.training.train_model`)
 on the run's proxy train split and reports dev WER each epoch through ``tune.report``
 with a checkpoint; ``ASHAScheduler`` (time attribute ``epoch``) stops the weak trials
 early; ``ConcurrencyLimiter(OptunaSearch(...))`` proposes configurations with a seeded
@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.config import Config, FeatureConfig
 from pipeline.run import RunContext
-from pipeline.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space, optuna_distributions, suggest
+from pipeline.stages.search.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space, optuna_distributions, suggest
 
 STAGE = "search"
 STATE_FILE = "state.pt"
@@ -50,11 +50,11 @@ def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from pipeline.dataset import IndexedFeatures
-    from pipeline.features import FeatureStore
+    from pipeline.data.dataset import IndexedFeatures
+    from pipeline.stages.features import FeatureStore
     from pipeline.storage import open_store
-    from pipeline.trainer import resolve_hparams
-    from pipeline.training import TrainingDiverged, train_model
+    from pipeline.stages.train import resolve_hparams
+    from pipeline.asr.training import TrainingDiverged, train_model
 
     torch.set_num_threads(max(1, int(data["threads"])))
     config = Config.model_validate(data["config"])
@@ -103,7 +103,7 @@ def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
 
 
 def _prepare_frontends(ctx: RunContext, space: SearchSpace, progress: bool) -> dict[str, Any]:
-    from pipeline.features import extract_features, load_feature_index, name_features_stage
+    from pipeline.stages.features import extract_features, load_feature_index, name_features_stage
 
     train_ids, dev_ids = _proxy_ids(ctx)
     parts: dict[str, Any] = {}
@@ -161,7 +161,7 @@ def _build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], poin
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipeline.compute import ray_storage
+    from pipeline.ray import ray_storage
 
     s = ctx.config.search
     trainable = tune.with_resources(
@@ -365,7 +365,7 @@ def search(
 
 
 def _search(ctx: RunContext, trials: int | None, budget_s: float | None, production_hparams: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    from pipeline.compute import ensure_ray
+    from pipeline.ray import ensure_ray
 
     s = ctx.config.search
     trials = trials or s.trials

@@ -1,7 +1,7 @@
 """The current training pool, as read by the stages downstream of ingestion.
 
 Ingestion writes ``state/pool/CURRENT`` (the current version id) and
-``state/pool/{version}/manifest.jsonl`` (:mod:`pipeline.manifest` records). Each
+``state/pool/{version}/manifest.jsonl`` (:mod:`pipeline.data.manifest` records). Each
 record's ``audio_filepath`` is relative to the manifest's folder (normally
 ``../../audio/ab/abcd….wav`` -> ``state/audio/ab/abcd….wav``); a ``file://``/``s3://``
 URI is accepted when it points inside the same store.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import manifest
-from pipeline.manifest import Utterance
+from pipeline.data import manifest
+from pipeline.data.manifest import Utterance
 from pipeline.storage import ObjectStore, join
 
 POOL_PREFIX = "state/pool"

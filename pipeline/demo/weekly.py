@@ -17,14 +17,14 @@ from pipeline.storage import join, open_store
 
 
 def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
-    from pipeline.features import extract_features
-    from pipeline.ingest import ingest
-    from pipeline.proxy import sample_proxy
-    from pipeline.canary import deploy_registered
-    from pipeline.gate import gate
-    from pipeline.registry import register
-    from pipeline.search import load_best_config, search
-    from pipeline.trainer import train_full
+    from pipeline.stages.features import extract_features
+    from pipeline.stages.ingest.stage import ingest
+    from pipeline.stages.proxy import sample_proxy
+    from pipeline.stages.deploy.stage import deploy_registered
+    from pipeline.stages.gate.stage import gate
+    from pipeline.stages.register import register
+    from pipeline.stages.search.stage import load_best_config, search
+    from pipeline.stages.train import train_full
 
     return [
         ("ingest", lambda ctx, progress: ingest(ctx, progress=progress)),
@@ -67,7 +67,7 @@ def run_demo(config: Config, *, root: str | None = None, progress: bool = True, 
     """The demo: for each of ``demo.weeks`` weeks, write that week's drop, then run the weekly
     pipeline on it (run id ``demo__week-NNN``). A week whose run finished is skipped, so a
     second ``make demo`` returns at once (``make clean`` starts over)."""
-    from pipeline.corpus import build_demo_corpus, drop_id_for_week
+    from pipeline.demo.corpus import build_demo_corpus, drop_id_for_week
 
     store = open_store(root, config.storage)
     golden = join("golden", config.demo.golden_version, "manifest.jsonl")
@@ -106,7 +106,7 @@ def run_demo_airflow(config: Config, *, root: str | None = None, progress: bool 
     import sys
 
     from pipeline.config import PROJECT_ROOT
-    from pipeline.corpus import build_demo_corpus, drop_id_for_week
+    from pipeline.demo.corpus import build_demo_corpus, drop_id_for_week
 
     store = open_store(root, config.storage)
     airflow = str(Path(sys.executable).with_name("airflow"))

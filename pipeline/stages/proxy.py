@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.manifest import Utterance, relative_audio_path, write_manifest
-from pipeline.pool import Pool, read_pool
+from pipeline.data.manifest import Utterance, relative_audio_path, write_manifest
+from pipeline.data.pool import Pool, read_pool
 from pipeline.run import RunContext
 
 PROXY_STAGE = "proxy"

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.evaluation import score_pairs
-from pipeline.model import ASRModel
-from pipeline.vocab import decode_ids, encode_text, vocab_size
+from pipeline.asr.evaluation import score_pairs
+from pipeline.asr.model import ASRModel
+from pipeline.asr.vocab import decode_ids, encode_text, vocab_size
 
 
 class TrainingDiverged(RuntimeError):

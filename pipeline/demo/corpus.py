@@ -3,7 +3,7 @@
 Utterances are digit sequences ("four one five") of ``demo.min_digits..demo.max_digits``
 digits, either concatenated from real recordings of the Free Spoken Digit Dataset (FSDD:
 one speaker per utterance, short pauses and a little background noise between digits) or
-spoken by eSpeak NG (:mod:`pipeline.tts`) in several voices, rates and pitches.
+spoken by eSpeak NG (:mod:`pipeline.demo.tts`) in several voices, rates and pitches.
 
 On-store layout (keys relative to the store root)::
 
@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 from pipeline.config import DemoConfig
 from pipeline.storage import ObjectStore, join
-from pipeline.text import DIGIT_WORDS
-from pipeline.tts import SpeechRequest, synthesize_isolated
+from pipeline.data.text import DIGIT_WORDS
+from pipeline.demo.tts import SpeechRequest, synthesize_isolated
 
 __all__ = [
     "DEFECT_KINDS",

@@ -18,7 +18,7 @@ Repeatability: eSpeak NG's waveform generator keeps state from one call to the n
 (pitch-flutter phase, automatic gain, echo buffer; none of it can be reset through the
 API), so the same arguments give slightly different samples depending on what was spoken
 before in the process. A sequence of calls in a *fresh* process is exactly repeatable:
-:func:`synthesize_isolated` runs a batch in a new ``python -m pipeline.tts`` process
+:func:`synthesize_isolated` runs a batch in a new ``python -m pipeline.demo.tts`` process
 when the output must be byte-identical, as the demo corpus does.
 """
 
@@ -50,7 +50,7 @@ _RATE = 1
 _VOLUME = 2
 _PITCH = 3
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 MIN_RATE, MAX_RATE = 80, 450
 MIN_PITCH, MAX_PITCH = 0, 100
@@ -198,7 +198,7 @@ def synthesize_batch(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray
 
 
 def synthesize_isolated(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray], int]:
-    """Like :func:`synthesize_batch`, but in a new Python process (``python -m pipeline.tts``).
+    """Like :func:`synthesize_batch`, but in a new Python process (``python -m pipeline.demo.tts``).
 
     The output depends only on ``requests``: eSpeak NG starts from its initial state.
     Safe to call from several threads at once (each call is its own process).
@@ -211,7 +211,7 @@ def synthesize_isolated(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndar
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.tts"], input=payload, capture_output=True, env=env, check=False
+        [sys.executable, "-m", "pipeline.demo.tts"], input=payload, capture_output=True, env=env, check=False
     )
     if proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-5:]

@@ -29,7 +29,7 @@ def ensure_ray(config: Config) -> None:
         kwargs["address"] = config.ray.address
     else:
         kwargs["include_dashboard"] = False
-        kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.compute.quiet_ray_worker"}
+        kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.ray.quiet_ray_worker"}
         if config.ray.num_cpus:
             kwargs["num_cpus"] = config.ray.num_cpus
     ray.init(**kwargs)

@@ -18,12 +18,12 @@ from typing import Any
 import jiwer
 import numpy as np
 
-from pipeline.audio import decode_audio, to_mono_resampled
-from pipeline.export import ExportedModel, load_exported
-from pipeline.manifest import Utterance, read_manifest, resolve_audio_key
+from pipeline.data.audio import decode_audio, to_mono_resampled
+from pipeline.asr.export import ExportedModel, load_exported
+from pipeline.data.manifest import Utterance, read_manifest, resolve_audio_key
 from pipeline.config import MlflowConfig, StorageConfig
 from pipeline.storage import ObjectStore, open_store
-from pipeline.text import normalize_text
+from pipeline.data.text import normalize_text
 
 
 @dataclass
@@ -196,7 +196,7 @@ def evaluate(
     ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` registry URI) on a manifest."""
     path = model_ref
     if model_ref.startswith("models:/"):
-        from pipeline.registry import resolve_model_uri
+        from pipeline.stages.register import resolve_model_uri
 
         path = str(resolve_model_uri(model_ref, mlflow_config or MlflowConfig()))
     model = load_exported(path)

@@ -4,7 +4,7 @@
   ``asr_run_id``) and logs its parameters, metrics, training curve and lineage tags
   (pool version, golden-set version, config hash, code version, run id).
 * :func:`register` (stage ``register``) logs the exported TorchScript file as an MLflow
-  pyfunc model with a signature (:mod:`pipeline.pyfunc_model`) and creates one registered
+  pyfunc model with a signature (:mod:`pipeline.serving.pyfunc_model`) and creates one registered
   model version per pipeline run, tagged with the run id: a retried stage finds that version
   instead of creating a second one. On a passed gate the alias ``challenger`` moves to it.
 * :func:`promote` and :func:`rollback` move the alias ``production``. Every alias move is
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# tag names follow pipeline.search's ("asr_run_id", "asr_kind"): plain keys, no quoting in filters
+# tag names follow pipeline.stages.search.stage's ("asr_run_id", "asr_kind"): plain keys, no quoting in filters
 TAG_RUN_ID = "asr_run_id"
 TAG_KIND = "asr_kind"
 TAG_SHA256 = "asr_sha256"
@@ -64,7 +64,7 @@ PRODUCTION = "production"
 CHALLENGER = "challenger"
 HISTORY_KEY = "state/registry/history.jsonl"
 MODEL_FILE = "model.pt"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc_model.py"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))/?$")
 
 
@@ -241,7 +241,7 @@ def _numeric(value: Any) -> bool:
 
 
 def _model_meta(ctx: "RunContext", model_key: str) -> dict[str, Any]:
-    from pipeline.export import load_exported
+    from pipeline.asr.export import load_exported
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / MODEL_FILE
@@ -327,7 +327,7 @@ def _log_params(c: "MlflowClient", run_id: str, config: Config, meta: dict[str, 
     params: dict[str, Any] = {}
     for section in ("model", "train", "features", "audio"):
         _flatten(section, getattr(config, section).model_dump(mode="json"), params)
-    for section in ("model", "train"):  # what the exported model says it was built with (pipeline.trainer)
+    for section in ("model", "train"):  # what the exported model says it was built with (pipeline.stages.train)
         if isinstance(meta.get(section), dict):
             _flatten(section, meta[section], params)
     if isinstance(meta.get("frontend"), dict):
@@ -551,7 +551,7 @@ def register(ctx: "RunContext", *, actor: str | None = None) -> dict[str, Any]:
                     raise RegistryError(
                         f"{model_key} changed since the gate evaluated it (sha256 differs): re-run the gate"
                     )
-                from pipeline.export import load_exported
+                from pipeline.asr.export import load_exported
 
                 run_tags = {**lineage(ctx, load_exported(local).meta), TAG_SHA256: sha}
                 model_uri, model_id = _logged_model_uri(cfg, mlflow_run, local, run_tags)

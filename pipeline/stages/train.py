@@ -36,10 +36,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from pipeline.config import Config
-    from pipeline.dataset import IndexedFeatures
-    from pipeline.features import FeatureStore
+    from pipeline.data.dataset import IndexedFeatures
+    from pipeline.stages.features import FeatureStore
     from pipeline.storage import open_store
-    from pipeline.training import train_model
+    from pipeline.asr.training import train_model
 
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     config = Config.model_validate(loop_config["config"])
@@ -106,13 +106,13 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.compute import ensure_ray, ray_storage
-    from pipeline.dataset import split_by_utterance
-    from pipeline.export import export_model
-    from pipeline.features import load_feature_index
-    from pipeline.training import load_checkpoint_model
+    from pipeline.ray import ensure_ray, ray_storage
+    from pipeline.data.dataset import split_by_utterance
+    from pipeline.asr.export import export_model
+    from pipeline.stages.features import load_feature_index
+    from pipeline.asr.training import load_checkpoint_model
 
-    from pipeline.features import extract_features, name_features_stage
+    from pipeline.stages.features import extract_features, name_features_stage
 
     config = ctx.config
     model_cfg, train_cfg = resolve_hparams(config, hparams)
@@ -171,7 +171,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
         history = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)["history"]
 
     with tempfile.TemporaryDirectory() as tmp:
-        from pipeline.frontend import settings_hash
+        from pipeline.asr.frontend import settings_hash
 
         meta = {
             "run_id": ctx.run_id,

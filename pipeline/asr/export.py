@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.frontend import LogMel
-from pipeline.model import ASRModel
+from pipeline.asr.frontend import LogMel
+from pipeline.asr.model import ASRModel
 
 META = "meta.json"
 FORMAT = "asr-retune/torchscript-ctc/1"
@@ -40,7 +40,7 @@ class ServingModel(torch.nn.Module):
 
 def export_model(model: ASRModel, frontend_settings: dict[str, Any], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Script and save; the file appears only when complete."""
-    from pipeline.vocab import TOKENS
+    from pipeline.asr.vocab import TOKENS
 
     serving = ServingModel(LogMel(frontend_settings), model).eval().cpu()
     scripted = torch.jit.script(serving)

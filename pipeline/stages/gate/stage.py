@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import GateConfig
-from pipeline.evaluation import UttScore, paired_bootstrap
+from pipeline.asr.evaluation import UttScore, paired_bootstrap
 
 STAGE = "gate"
 DECISION = "decision.json"
@@ -410,7 +410,7 @@ def utt_rows(utts: Sequence[UttScore]) -> str:
 
 
 def _actor(actor: str | None) -> str:
-    from pipeline.registry import _actor as registry_actor
+    from pipeline.stages.register import _actor as registry_actor
 
     return registry_actor(actor)
 
@@ -440,9 +440,10 @@ def gate(
 
 
 def _run_gate(ctx: Any, cfg: GateConfig, candidate_key: str, reason: str | None, actor: str) -> dict[str, Any]:
-    from pipeline import registry, report
-    from pipeline.evaluation import evaluate_model
-    from pipeline.export import load_exported
+    from pipeline.stages import register as registry
+    from pipeline.stages.gate import report
+    from pipeline.asr.evaluation import evaluate_model
+    from pipeline.asr.export import load_exported
     from pipeline.storage import join
 
     store = ctx.store

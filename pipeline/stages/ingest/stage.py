@@ -57,12 +57,12 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
+from pipeline.data.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
 from pipeline.config import IngestConfig
-from pipeline.manifest import Utterance, dumps_manifest, parse_manifest, relative_audio_path
+from pipeline.data.manifest import Utterance, dumps_manifest, parse_manifest, relative_audio_path
 from pipeline.run import RunContext
 from pipeline.storage import ObjectNotFound, ObjectStore, join
-from pipeline.text import find_out_of_charset, normalize_text
+from pipeline.data.text import find_out_of_charset, normalize_text
 
 __all__ = [
     "IngestError",

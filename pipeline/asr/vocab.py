@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.text import CHARSET
+from pipeline.data.text import CHARSET
 
 BLANK = 0
 TOKENS: tuple[str, ...] = ("<blank>",) + tuple(CHARSET)

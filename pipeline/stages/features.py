@@ -1,6 +1,6 @@
 """Log-mel features for the training pool, with a content-addressed cache.
 
-**Front end.** One definition, :mod:`pipeline.frontend` (``LogMel``), shared with training
+**Front end.** One definition, :mod:`pipeline.asr.frontend` (``LogMel``), shared with training
 and the exported model: torchaudio ``MelSpectrogram`` with ``win_length``/``hop_length`` =
 ``win_ms``/``hop_ms`` at ``config.audio.sample_rate`` (25 ms / 10 ms at 8 kHz -> 200 / 80
 samples), ``n_fft`` the next power of two >= ``win_length``, periodic Hann window,
@@ -82,8 +82,8 @@ import torchaudio
 from tqdm import tqdm
 
 from pipeline.config import FeatureConfig
-from pipeline.frontend import LogMel, frontend_settings, settings_hash
-from pipeline.pool import Pool, read_pool
+from pipeline.asr.frontend import LogMel, frontend_settings, settings_hash
+from pipeline.data.pool import Pool, read_pool
 from pipeline.run import RunContext
 from pipeline.storage import LocalStore, ObjectStore, join
 
@@ -99,10 +99,10 @@ _CHUNK_UTTERANCES = 128
 
 
 class FrontEnd:
-    """One log-mel front end: :mod:`pipeline.frontend`'s settings plus the storage format.
+    """One log-mel front end: :mod:`pipeline.asr.frontend`'s settings plus the storage format.
 
-    ``settings`` is exactly what :func:`pipeline.frontend.frontend_settings` gives (so
-    :class:`pipeline.frontend.LogMel` and the exported model rebuild the same transform
+    ``settings`` is exactly what :func:`pipeline.asr.frontend.frontend_settings` gives (so
+    :class:`pipeline.asr.frontend.LogMel` and the exported model rebuild the same transform
     from a run's ``index.json``); :attr:`hash` also covers the storage format.
     """
 
@@ -148,7 +148,7 @@ class LogMelComputer:
     """Batched, exact log-mel features for many utterances (see the module docstring).
 
     Window, filterbank, FFT size, hop and log floor are read off the shared
-    :class:`pipeline.frontend.LogMel`, so the two cannot drift apart silently; settings
+    :class:`pipeline.asr.frontend.LogMel`, so the two cannot drift apart silently; settings
     the batching does not reproduce fail here rather than give different features.
     """
 
@@ -160,7 +160,7 @@ class LogMelComputer:
                 and spec.pad == 0 and spec.onesided):
             raise NotImplementedError(
                 "batched log-mel extraction assumes center=True, reflect padding, power 2, no normalization; "
-                "pipeline.frontend.LogMel changed: update LogMelComputer to match"
+                "pipeline.asr.frontend.LogMel changed: update LogMelComputer to match"
             )
         self.n_fft, self.win_length, self.hop_length = spec.n_fft, spec.win_length, spec.hop_length
         self.window = spec.window.detach().clone()

@@ -53,13 +53,13 @@ from typing import Any
 import numpy as np
 import requests
 
-from pipeline.manifest import read_manifest, resolve_audio_key
+from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.serving.archive import ModelArchive, archive_name, build_archive, check_version, sha256_file, verify_archive
 from pipeline.serving.backend import ServingBackend, VersionCounters, VersionInfo
 from pipeline.serving.config import CanaryConfig, ServingConfig, canary_config, serving_config
 from pipeline.serving.router import PROBE_HEADER, ROUTED_VERSION_HEADER, RoutedRequest, Router
 from pipeline.storage import ObjectStore, join
-from pipeline.text import normalize_text
+from pipeline.data.text import normalize_text
 
 STAGE = "deploy"
 STATE_KEY = "state/serving/state.json"
@@ -518,7 +518,7 @@ def _derive_version(run_id: str, model_sha: str) -> str:
 
 
 def _load_export_meta(path: Path) -> dict[str, Any]:
-    from pipeline.export import load_exported
+    from pipeline.asr.export import load_exported
 
     try:
         return dict(load_exported(path).meta)
@@ -916,7 +916,7 @@ def rollback_serving(
 def deploy_registered(ctx: Any, *, force: bool = False) -> dict[str, Any]:
     """Stage ``deploy`` of the weekly run: canary the version this run registered; on a healthy
     canary, move MLflow alias ``production`` to it (recorded, with the canary as the reason)."""
-    from pipeline.registry import promote
+    from pipeline.stages.register import promote
 
     if not ctx.is_complete("register"):
         raise DeployError(f"run {ctx.run_id!r} registered no model: run the register stage first")
