@@ -10,6 +10,7 @@ outlives a run lives under ``state/``.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import re
 import uuid
@@ -20,8 +21,15 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.storage import ObjectStore, join, open_store
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,199}$")
+# A run id (and a drop id): a letter or digit, then letters, digits and _.:+- (Airflow's own
+# run ids fit), at most 200 characters. It names a folder of the store.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,199}$")
+_UNSAFE_RUN_ID_CHAR = re.compile(r"[^A-Za-z0-9_.:+\-]")
+# The completion marker of a stage partition; it holds the stage's JSON summary.
 SUCCESS = "_SUCCESS"
+# The weekly run's stages in order: each is a DAG task, a module of pipeline.stages and a
+# partition runs/{run_id}/{stage}/.
+STAGES = ("ingest", "features", "proxy", "search", "train", "gate", "register", "deploy")
 
 
 def new_run_id() -> str:
@@ -29,8 +37,24 @@ def new_run_id() -> str:
     return f"cli__{now}__{uuid.uuid4().hex[:6]}"
 
 
+def store_run_id(airflow_run_id: str) -> str:
+    """The store's run id for an Airflow run id.
+
+    Airflow's ids (``manual__2026-11-28T10:00:00+00:00``, ``scheduled__...``) are kept as
+    they are, so a run's folder is named after its Airflow run. Any other character is
+    replaced by ``_`` and a short hash of the original is appended, so two different ids
+    never share a folder.
+    """
+    safe = _UNSAFE_RUN_ID_CHAR.sub("_", airflow_run_id)
+    if safe and safe[0].isalnum() and safe == airflow_run_id and len(safe) <= 200:
+        return safe
+    digest = hashlib.sha256(airflow_run_id.encode("utf-8")).hexdigest()[:12]
+    head = safe.lstrip("_.:+-")[:180] or "run"
+    return f"{head}__{digest}"
+
+
 def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
+    if not RUN_ID_RE.match(run_id):
         raise ValueError(f"invalid run id {run_id!r}: letters, digits and _.:+- only, at most 200 characters")
     return run_id
 

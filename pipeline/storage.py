@@ -14,6 +14,7 @@ the error code, never the credentials.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -45,6 +46,15 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("..", "") for p in key.split("/")):
         raise StorageError(f"invalid object key {key!r}: keys are relative, '/'-separated, without '..' or empty parts")
     return key
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def join(*parts: str) -> str:

@@ -19,7 +19,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.asr.evaluation import score_pairs
+from pipeline.asr.metrics import score_pairs
 from pipeline.asr.model import ASRModel
 from pipeline.asr.vocab import decode_ids, encode_text, vocab_size
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.run import RunContext, new_run_id
+from pipeline.run import RunContext
 from pipeline.storage import join, open_store
 
 

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.asr.evaluation import UttScore
+from pipeline.asr.metrics import UttScore
 from pipeline.stages.gate.stage import GateConfig, decide
 from pipeline.stages.gate.report import ReportInputs, changed_utterances, render_html, render_markdown, word_diff_html
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.asr.evaluation import UttScore
+from pipeline.asr.metrics import UttScore
 from pipeline.stages.gate.stage import GateConfig, check_force_reason, decide, read_cohorts
 
 GROUPS = ("USA/neutral", "DEU/German", "BEL/French", "GRC/Greek")

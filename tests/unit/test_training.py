@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import PROJECT_ROOT, FeatureConfig, ModelConfig, TrainConfig
 from pipeline.data.dataset import ArrayDataset, split_by_utterance
-from pipeline.asr.evaluation import paired_bootstrap, score_pairs
+from pipeline.asr.metrics import paired_bootstrap, score_pairs
 from pipeline.asr.export import export_model, load_exported
 from pipeline.asr.frontend import build_frontend, frontend_settings
 from pipeline.data.text import DIGIT_WORDS

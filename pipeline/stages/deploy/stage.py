@@ -59,7 +59,7 @@ from pipeline.serving.backend import ServingBackend, VersionCounters, VersionInf
 from pipeline.serving.config import CanaryConfig, ServingConfig, canary_config, serving_config
 from pipeline.serving.router import PROBE_HEADER, ROUTED_VERSION_HEADER, RoutedRequest, Router
 from pipeline.storage import ObjectStore, join
-from pipeline.data.text import normalize_text
+from pipeline.asr.metrics import word_errors
 
 STAGE = "deploy"
 STATE_KEY = "state/serving/state.json"
@@ -364,19 +364,6 @@ def version_stats(
         "ts_mean_queue_ms": (counters.queue_us / counters.requests / 1000.0) if counters and counters.requests else None,
         "sample_errors": sorted({r.error for r in mine if r.error})[:5],
     }
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(word errors, reference words) with the shared normalizer, scored by jiwer."""
-    import jiwer
-
-    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
-    if not ref:
-        return 0, 0
-    if not hyp:
-        return len(ref.split()), len(ref.split())
-    w = jiwer.process_words(ref, hyp)
-    return w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits
 
 
 def paired_wer(replies: list[Reply], utts: list[ReplayUtterance], production: str, candidate: str) -> dict[str, Any]:

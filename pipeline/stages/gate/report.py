@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.asr.evaluation import UttScore
+from pipeline.asr.metrics import UttScore
 
 MAX_GROUPS_IN_CHART = 40
 _PREFERRED_LEADERBOARD = ("trial_id", "status", "best_dev_wer", "last_dev_wer", "epochs", "metric", "best_metric",

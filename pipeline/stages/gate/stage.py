@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import GateConfig
-from pipeline.asr.evaluation import UttScore, paired_bootstrap
+from pipeline.asr.metrics import UttScore, paired_bootstrap
 
 STAGE = "gate"
 DECISION = "decision.json"

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from pipeline.config import Config, FeatureConfig
 from pipeline.run import RunContext
