@@ -19,6 +19,7 @@ import torch
 
 from pipeline.asr.frontend import LogMel
 from pipeline.asr.model import ASRModel
+from pipeline.asr.vocab import greedy_decode
 
 META = "meta.json"
 FORMAT = "asr-retune/torchscript-ctc/1"
@@ -72,18 +73,7 @@ class ExportedModel:
         return int(self.meta["sample_rate"])
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        tokens = self.meta["tokens"]
-        blank = int(self.meta.get("blank", 0))
-        best = log_probs.argmax(dim=-1).tolist()
-        texts = []
-        for ids, n in zip(best, lengths.tolist()):
-            out, prev = [], -1
-            for i in ids[:n]:
-                if i != prev and i != blank:
-                    out.append(tokens[i])
-                prev = i
-            texts.append(" ".join("".join(out).split()))
-        return texts
+        return greedy_decode(log_probs, lengths, self.meta["tokens"], int(self.meta.get("blank", 0)))
 
     @torch.inference_mode()
     def transcribe(self, waves: list[np.ndarray | torch.Tensor]) -> list[str]:
