@@ -138,3 +138,17 @@ def paired_bootstrap(
         "n_resamples": n_resamples,
         "samples": deltas,
     }
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def format_pct(x: Any) -> str:
+    """A rate as a percentage, ``12.34%``; ``n/a`` when it is missing or not finite."""
+    return f"{100 * x:.2f}%" if _finite(x) else "n/a"
+
+
+def format_points(x: Any) -> str:
+    """A difference of rates in percentage points, ``+1.23 pts``; ``n/a`` when missing."""
+    return f"{100 * x:+.2f} pts" if _finite(x) else "n/a"
