@@ -2,18 +2,26 @@ r"""
 ### asr_weekly_retune — weekly re-tuning and retraining of the speech recognizer
 
 Every week this DAG takes the new incoming drops into the training pool, extracts
-features, samples a stratified proxy, trains the model on the whole pool (Ray Train
-`TorchTrainer`, DDP) and scores it on the golden set. Each task is a thin call into
-`pipeline.<module>`; the stage logic, its outputs and its retry semantics live there
-(see `DESIGN.md`). The stages that are not built yet (search, gate, register,
-canary/deploy, promote) are **absent**, not faked: they are added one task each at the
-marked places in this file.
+features, samples a stratified proxy, searches hyperparameters on it (Ray Tune ASHA +
+Optuna TPE), trains the winner on the whole pool (Ray Train `TorchTrainer`, DDP), gates
+the candidate against the production model on the golden set and, when it passes,
+registers it in MLflow and runs a stepped canary on TorchServe that promotes it or rolls
+it back:
 
-**Run partitions.** A task writes under `runs/{run_id}/{stage}/` of the configured store
+    ingest → features → proxy → search → train → gate → decide ─┬→ register → deploy
+                                                                └→ report_no_change
+
+Each stage task imports `pipeline.stages.<task id>` inside its body and calls one
+function there; the stage logic, its outputs and its retry semantics live in that module
+(see `DESIGN.md`). `decide` is the branch on the gate's decision; `report_no_change` logs
+the failing rules and the report's address when the gate refused the candidate.
+
+**Run partitions.** A stage writes under `runs/{run_id}/{stage}/` of the configured store
 (`storage.root`), where `run_id` is the Airflow run id (kept as is when it only holds
-letters, digits and `_.:+-`, which Airflow's own ids do). A finished stage is skipped, a
-retried stage clears its own partition first, so a retry never mixes with a failed
-attempt's leftovers. Data that outlives a run (pool, feature cache) lives under `state/`.
+letters, digits and `_.:+-`, which Airflow's own ids do; `pipeline.run.store_run_id`). A
+finished stage is skipped, a retried stage clears its own partition first, so a retry never
+mixes with a failed attempt's leftovers. Data that outlives a run (pool, feature cache,
+search history) lives under `state/`.
 
 **Compute.** `features`, `search`, `train` and `gate` take a slot of the pool
 `asr_compute`; heavy training runs on Ray (`ray.address` in the config: empty = a Ray
@@ -30,9 +38,6 @@ typed and validated; a bad value is refused before anything runs):
          -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
          -d '{"logical_date": null, "conf": {"epochs": 2, "proxy_fraction": 0.5}}'
 
-Parameters marked *(not active yet)* are accepted and validated now but only take effect
-when their stage lands; until then the first task logs a warning if one is set.
-
 **Alerts.** A failed task (after its retries) and a failed run write one
 `ASR-RETUNE ALERT [...]` line to the log and call the hooks configured in the environment
 (`pipeline/airflow/alerts.py`: Slack-style webhook, a Python hook for PagerDuty, a local file).
@@ -41,19 +46,17 @@ when their stage lands; until then the first task logs a warning if one is set.
 runs with their gate decision and serves each report.
 
 **Assets.** `ingest` updates `asr-retune://training-pool` (extra: pool version and size);
-`register` will update `asr-retune://registered-model` when it lands.
+`register` updates `asr-retune://registered-model`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, chain, dag, task
@@ -63,32 +66,16 @@ from pipeline.airflow import alerts
 log = logging.getLogger(__name__)
 
 DAG_ID = "asr_weekly_retune"
-# Mondays 03:00 UTC. Read at parse time from the pipeline config's `orchestration.schedule`
-# when that field exists (it is one local YAML file: no store, Ray, MLflow or DB access);
-# this constant is the default until then.
+# Mondays 03:00 UTC unless the pipeline config's `orchestration.schedule` says otherwise
+# (read at parse time from one local YAML file: no store, Ray, MLflow or DB access).
 DEFAULT_SCHEDULE = "0 3 * * 1"
 COMPUTE_POOL = "asr_compute"
 RUN_ID = "{{ run_id }}"
-
-TRAINING_POOL = Asset("asr-retune://training-pool")
-# Outlet of the `register` task when it lands (other DAGs can already schedule on it).
-REGISTERED_MODEL = Asset("asr-retune://registered-model")
-
-# Test-only fault injection: "task_id[:before|:after],..." makes each named task fail on
-# its first try only, either before calling its stage ("before", the default) or after
-# the stage wrote its outputs, with its completion marker removed and a stray file left
-# in its partition ("after": a crash just before the commit). Never set in production.
+# Test-only fault injection (pipeline/airflow/faults.py), imported only when this is set.
 FAULT_ENV = "ASR_RETUNE_TEST_FAIL_ONCE"
 
-# Parameters whose stage is not in this DAG yet, with their defaults: a run that sets one
-# to anything else gets a warning. Remove a name when its stage lands.
-INACTIVE_PARAMS: dict[str, Any] = {}
-
-_SAFE_RUN_ID = re.compile(r"[^A-Za-z0-9_.:+\-]")
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault hook (``ASR_RETUNE_TEST_FAIL_ONCE``)."""
+TRAINING_POOL = Asset("asr-retune://training-pool")
+REGISTERED_MODEL = Asset("asr-retune://registered-model")
 
 
 def _weekly_schedule() -> str:
@@ -98,63 +85,20 @@ def _weekly_schedule() -> str:
     return getattr(section, "schedule", None) or DEFAULT_SCHEDULE
 
 
-def store_run_id(airflow_run_id: str) -> str:
-    """The store's run id for an Airflow run id.
-
-    Airflow's ids (``manual__2026-11-28T10:00:00+00:00``, ``scheduled__...``) are kept as
-    they are, so a run's folder is named after its Airflow run. Any other character is
-    replaced by ``_`` and a short hash of the original is appended, so two different ids
-    never share a folder.
-    """
-    safe = _SAFE_RUN_ID.sub("_", airflow_run_id)
-    if safe and safe[0].isalnum() and safe == airflow_run_id and len(safe) <= 200:
-        return safe
-    digest = hashlib.sha256(airflow_run_id.encode("utf-8")).hexdigest()[:12]
-    head = safe.lstrip("_.:+-")[:180] or "run"
-    return f"{head}__{digest}"
-
-
 def _run_context(airflow_run_id: str):
     from pipeline.config import load_config
-    from pipeline.run import RunContext
+    from pipeline.run import RunContext, store_run_id
 
     return RunContext.create(load_config(), run_id=store_run_id(airflow_run_id))
 
 
-def _fault_plan() -> dict[str, str]:
-    plan = {}
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        name, _, when = item.strip().partition(":")
-        if name:
-            if (when or "before") not in ("before", "after"):
-                raise ValueError(f"{FAULT_ENV}: {item.strip()!r}: the phase is 'before' or 'after'")
-            plan[name] = when or "before"
-    return plan
+def _fault_point(ctx: Any, stage: str | None, context: Mapping[str, Any]):
+    """Test-only hook around a stage call; a no-op unless ``ASR_RETUNE_TEST_FAIL_ONCE`` is set."""
+    if not os.environ.get(FAULT_ENV):
+        return contextlib.nullcontext()
+    from pipeline.airflow.faults import fault_point
 
-
-@contextlib.contextmanager
-def _fault_point(ctx: Any, stage: str | None, context: Mapping[str, Any]) -> Iterator[None]:
-    """Test-only: fail the first try of a task named in ``ASR_RETUNE_TEST_FAIL_ONCE``."""
-    ti = context["ti"]
-    when = _fault_plan().get(ti.task_id) if ti.try_number == 1 else None
-    if when is None:
-        yield
-        return
-
-    def leave_debris() -> None:
-        if stage is not None:
-            ctx.store.put_text(ctx.stage_key(stage, "_debris_of_failed_attempt"), "partial output\n")
-
-    if when == "before":
-        leave_debris()
-        raise InjectedFault(f"{FAULT_ENV}: {ti.task_id} fails its first try before its stage runs")
-    yield
-    if stage is not None:
-        from pipeline.run import SUCCESS
-
-        ctx.store.delete(ctx.stage_key(stage, SUCCESS))
-    leave_debris()
-    raise InjectedFault(f"{FAULT_ENV}: {ti.task_id} fails its first try after its stage wrote, before its commit")
+    return fault_point(ctx, stage, context)
 
 
 def _for_xcom(summary: Mapping[str, Any], max_items: int = 50) -> dict[str, Any]:
@@ -168,12 +112,6 @@ def _for_xcom(summary: Mapping[str, Any], max_items: int = 50) -> dict[str, Any]
         else:
             out[key] = value
     return out
-
-
-def _warn_inactive(params: Mapping[str, Any]) -> None:
-    for name, default in INACTIVE_PARAMS.items():
-        if name in params and params[name] != default:
-            log.warning("parameter %s=%r is set, but its stage is not in this DAG yet: ignored", name, params[name])
 
 
 # Fail at once (no retry) on errors a retry cannot fix.
@@ -203,78 +141,169 @@ SECTION_DATA = "Data and training"
 SECTION_SEARCH = "Hyperparameter search"
 SECTION_RELEASE = "Gate, canary and promotion"
 
+
+def _optional(kind: str, title: str, description: str, section: str, **bounds: Any) -> Param:
+    """A parameter that may be left empty (``null``: the config's value applies)."""
+    return Param(None, type=["null", kind], title=title, description=description, section=section, **bounds)
+
+
 params = {
-    "proxy_fraction": Param(
-        None,
-        type=["null", "number"],
-        exclusiveMinimum=0,
-        maximum=1,
-        title="Proxy fraction",
-        description="Share of the pool sampled (stratified) into the proxy set used by the search. "
+    "proxy_fraction": _optional(
+        "number", "Proxy fraction",
+        "Share of the pool sampled (stratified) into the proxy set used by the search. "
         "Empty: proxy.fraction from the config. A run keeps the fraction its proxy was made with.",
-        section=SECTION_DATA,
-    ),
-    "epochs": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=1000,
-        title="Training epochs",
-        description="Epochs of full training on the whole pool. Empty: train.epochs from the config.",
-        section=SECTION_DATA,
-    ),
-    "search_trials": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=1000,
-        title="Search trials",
-        description="Ray Tune trials (ASHA + Optuna TPE). Empty: search.trials from the config.",
-        section=SECTION_SEARCH,
-    ),
-    "search_budget_minutes": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=7 * 24 * 60,
-        title="Search budget (minutes)",
-        description="Wall-clock budget of the search. Empty: search.budget_s from the config.",
-        section=SECTION_SEARCH,
-    ),
+        SECTION_DATA, exclusiveMinimum=0, maximum=1),
+    "epochs": _optional(
+        "integer", "Training epochs", "Epochs of full training on the whole pool. Empty: train.epochs from the config.",
+        SECTION_DATA, minimum=1, maximum=1000),
+    "search_trials": _optional(
+        "integer", "Search trials", "Ray Tune trials (ASHA + Optuna TPE). Empty: search.trials from the config.",
+        SECTION_SEARCH, minimum=1, maximum=1000),
+    "search_budget_minutes": _optional(
+        "integer", "Search budget (minutes)", "Wall-clock budget of the search. Empty: search.budget_s from the config.",
+        SECTION_SEARCH, minimum=1, maximum=7 * 24 * 60),
     "canary_steps": Param(
-        [5, 25, 100],
-        type="array",
-        items={"type": "integer", "minimum": 1, "maximum": 100},
-        minItems=1,
-        maxItems=10,
+        [5, 25, 100], type="array", items={"type": "integer", "minimum": 1, "maximum": 100}, minItems=1, maxItems=10,
         title="Canary traffic steps (%)",
         description="Traffic shares the new version gets, in order; the last one should be 100.",
-        section=SECTION_RELEASE,
-    ),
+        section=SECTION_RELEASE),
     "skip_deploy": Param(
-        False,
-        type="boolean",
-        title="Skip deploy",
+        False, type="boolean", title="Skip deploy",
         description="Register a passing model but do not deploy it (production keeps serving).",
-        section=SECTION_RELEASE,
-    ),
+        section=SECTION_RELEASE),
     "force_promote": Param(
-        False,
-        type="boolean",
-        title="Force promote",
+        False, type="boolean", title="Force promote",
         description="Pass the gate even if its rules fail; needs a reason, recorded in the decision, "
         "the report and the registry. Never the default.",
-        section=SECTION_RELEASE,
-    ),
-    "force_reason": Param(
-        None,
-        type=["null", "string"],
-        maxLength=500,
-        title="Reason for forcing",
-        description="Why the gate is overridden; required with Force promote.",
-        section=SECTION_RELEASE,
-    ),
+        section=SECTION_RELEASE),
+    "force_reason": _optional(
+        "string", "Reason for forcing", "Why the gate is overridden; required with Force promote.",
+        SECTION_RELEASE, maxLength=500),
 }
+
+
+# --------------------------------------------------------------------------- the tasks
+# Each imports pipeline.stages.<task id> in its body (nothing heavy at parse time) and calls
+# one function there.
+
+
+@task(task_id="ingest", task_display_name="Ingest new drops", execution_timeout=dt.timedelta(hours=2),
+      outlets=[TRAINING_POOL])
+def ingest(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import ingest
+
+    ctx = _run_context(run_id)
+    with _fault_point(ctx, "ingest", context):
+        summary = ingest.ingest(ctx, progress=False)
+    context["outlet_events"][TRAINING_POOL].extra = {
+        "run_id": ctx.run_id,
+        "pool_version": summary.get("pool_version"),
+        "pool_size": summary.get("pool_size"),
+        "accepted": summary.get("accepted"),
+    }
+    return _for_xcom(summary)
+
+
+@task(task_id="features", task_display_name="Extract features", execution_timeout=dt.timedelta(hours=3),
+      pool=COMPUTE_POOL)
+def features(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import features
+
+    ctx = _run_context(run_id)
+    with _fault_point(ctx, "features", context):
+        summary = features.extract_features(ctx, progress=False)
+    return _for_xcom(summary)
+
+
+@task(task_id="proxy", task_display_name="Sample proxy set", execution_timeout=dt.timedelta(minutes=30))
+def proxy(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import proxy
+
+    ctx = _run_context(run_id)
+    with _fault_point(ctx, "proxy", context):
+        summary = proxy.sample_proxy(ctx, fraction=context["params"].get("proxy_fraction"))
+    return _for_xcom(summary)
+
+
+@task(task_id="search", task_display_name="Hyperparameter search (Ray Tune ASHA + Optuna TPE)",
+      execution_timeout=dt.timedelta(hours=8), pool=COMPUTE_POOL)
+def search(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import search
+
+    ctx, p = _run_context(run_id), context["params"]
+    budget = p.get("search_budget_minutes")
+    with _fault_point(ctx, "search", context):
+        summary = search.search(ctx, trials=p.get("search_trials"),
+                                budget_s=None if budget is None else 60.0 * budget, progress=False)
+    return _for_xcom(summary)
+
+
+@task(task_id="train", task_display_name="Train on the full pool (Ray Train DDP)",
+      execution_timeout=dt.timedelta(hours=12), pool=COMPUTE_POOL)
+def train(run_id: str, hparams: dict[str, Any] | None = None, **context) -> dict[str, Any]:
+    from pipeline.stages import train
+
+    ctx = _run_context(run_id)
+    with _fault_point(ctx, "train", context):
+        summary = train.train_full(ctx, hparams=hparams, epochs=context["params"].get("epochs"))
+    return _for_xcom(summary)
+
+
+@task(task_id="gate", task_display_name="Gate: candidate vs production on the golden set",
+      execution_timeout=dt.timedelta(hours=1), pool=COMPUTE_POOL)
+def gate(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import gate
+
+    ctx, p = _run_context(run_id), context["params"]
+    reason = gate.check_force(p.get("force_promote"), p.get("force_reason"))
+    with _fault_point(ctx, "gate", context):
+        summary = gate.gate(ctx, force_reason=reason, actor="airflow")
+    return _for_xcom(summary)
+
+
+@task.branch(task_id="decide", task_display_name="Passed the gate?")
+def decide(decision: dict[str, Any]) -> str:
+    return "register" if decision.get("passed") else "report_no_change"
+
+
+@task(task_id="register", task_display_name="Register the candidate (MLflow, alias challenger)",
+      execution_timeout=dt.timedelta(minutes=30), outlets=[REGISTERED_MODEL])
+def register(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import register
+
+    ctx = _run_context(run_id)
+    with _fault_point(ctx, "register", context):
+        summary = register.register(ctx, actor="airflow")
+    return _for_xcom(summary)
+
+
+@task(task_id="report_no_change", task_display_name="No change: production keeps serving",
+      execution_timeout=dt.timedelta(minutes=10))
+def report_no_change(run_id: str, **context) -> dict[str, Any]:
+    from pipeline.stages import gate
+
+    ctx = _run_context(run_id)
+    failing = gate.failing_rules(gate.read_decision(ctx))
+    log.warning("gate failed for run %s (rules: %s); production unchanged; report: %s",
+                ctx.run_id, ", ".join(failing) or "-", ctx.store.uri(ctx.stage_key("gate", "report.html")))
+    return {"changed": False, "failing_rules": failing}
+
+
+@task(task_id="deploy", task_display_name="Canary on TorchServe; promote or roll back",
+      execution_timeout=dt.timedelta(hours=2))
+def deploy(run_id: str, **context) -> dict[str, Any]:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pipeline.stages import deploy
+
+    p = context["params"]
+    if p.get("skip_deploy"):
+        raise AirflowSkipException("skip_deploy: registered, not deployed; production keeps serving")
+    ctx = _run_context(run_id)
+    steps = [float(x) for x in p["canary_steps"]] if p.get("canary_steps") else None
+    with _fault_point(ctx, "deploy", context):
+        summary = deploy.deploy_registered(ctx, steps=steps)
+    return _for_xcom(summary)
 
 
 @dag(
@@ -293,162 +322,10 @@ params = {
     tags=["asr", "ml", "weekly"],
 )
 def asr_weekly_retune():
-    @task(
-        task_id="ingest",
-        task_display_name="Ingest new drops",
-        execution_timeout=dt.timedelta(hours=2),
-        outlets=[TRAINING_POOL],
-    )
-    def ingest(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.ingest.stage import ingest as run_ingest
-
-        _warn_inactive(context["params"])
-        ctx = _run_context(run_id)
-        with _fault_point(ctx, "ingest", context):
-            summary = run_ingest(ctx, progress=False)
-        context["outlet_events"][TRAINING_POOL].extra = {
-            "run_id": ctx.run_id,
-            "pool_version": summary.get("pool_version"),
-            "pool_size": summary.get("pool_size"),
-            "accepted": summary.get("accepted"),
-        }
-        return _for_xcom(summary)
-
-    @task(
-        task_id="features",
-        task_display_name="Extract features",
-        execution_timeout=dt.timedelta(hours=3),
-        pool=COMPUTE_POOL,
-    )
-    def features(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.features import extract_features
-
-        ctx = _run_context(run_id)
-        with _fault_point(ctx, "features", context):
-            summary = extract_features(ctx, progress=False)
-        return _for_xcom(summary)
-
-    @task(
-        task_id="proxy",
-        task_display_name="Sample proxy set",
-        execution_timeout=dt.timedelta(minutes=30),
-    )
-    def proxy(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.proxy import sample_proxy
-
-        ctx = _run_context(run_id)
-        with _fault_point(ctx, "proxy", context):
-            summary = sample_proxy(ctx, fraction=context["params"].get("proxy_fraction"))
-        return _for_xcom(summary)
-
-    @task(
-        task_id="search",
-        task_display_name="Hyperparameter search (Ray Tune ASHA + Optuna TPE)",
-        execution_timeout=dt.timedelta(hours=8),
-        pool=COMPUTE_POOL,
-    )
-    def search(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.search.stage import search as run_search
-
-        ctx, p = _run_context(run_id), context["params"]
-        budget = p.get("search_budget_minutes")
-        with _fault_point(ctx, "search", context):
-            summary = run_search(ctx, trials=p.get("search_trials"),
-                                 budget_s=None if budget is None else 60.0 * budget, progress=False)
-        return _for_xcom(summary)
-
-    @task(
-        task_id="train",
-        task_display_name="Train on the full pool (Ray Train DDP)",
-        execution_timeout=dt.timedelta(hours=12),
-        pool=COMPUTE_POOL,
-    )
-    def train(run_id: str, hparams: dict[str, Any] | None = None, **context) -> dict[str, Any]:
-        from pipeline.stages.train import train_full
-
-        ctx = _run_context(run_id)
-        with _fault_point(ctx, "train", context):
-            summary = train_full(ctx, hparams=hparams, epochs=context["params"].get("epochs"))
-        return _for_xcom(summary)
-
-    @task(
-        task_id="gate",
-        task_display_name="Gate: candidate vs production on the golden set",
-        execution_timeout=dt.timedelta(hours=1),
-        pool=COMPUTE_POOL,
-    )
-    def gate(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.gate.stage import gate as run_gate
-
-        ctx, p = _run_context(run_id), context["params"]
-        if p.get("force_promote") and not (p.get("force_reason") or "").strip():
-            raise ValueError("force_promote needs force_reason: say why the gate is overridden (it is recorded)")
-        reason = p.get("force_reason") if p.get("force_promote") else None
-        with _fault_point(ctx, "gate", context):
-            summary = run_gate(ctx, force_reason=reason, actor="airflow")
-        return _for_xcom(summary)
-
-    @task.branch(task_id="decide", task_display_name="Passed the gate?")
-    def decide(decision: dict[str, Any]) -> str:
-        return "register" if decision.get("passed") else "report_no_change"
-
-    @task(
-        task_id="register",
-        task_display_name="Register the candidate (MLflow, alias challenger)",
-        execution_timeout=dt.timedelta(minutes=30),
-        outlets=[REGISTERED_MODEL],
-    )
-    def register(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.register import register as run_register
-
-        ctx = _run_context(run_id)
-        with _fault_point(ctx, "register", context):
-            summary = run_register(ctx, actor="airflow")
-        return _for_xcom(summary)
-
-    @task(
-        task_id="report_no_change",
-        task_display_name="No change: production keeps serving",
-        execution_timeout=dt.timedelta(minutes=10),
-    )
-    def report_no_change(run_id: str, **context) -> dict[str, Any]:
-        from pipeline.stages.gate.stage import read_decision
-
-        ctx = _run_context(run_id)
-        decision = read_decision(ctx)
-        failing = [r["name"] for r in decision.get("rules", []) if not r.get("passed")]
-        log.warning("gate failed for run %s (rules: %s); production unchanged; report: %s",
-                    ctx.run_id, ", ".join(failing) or "-", ctx.store.uri(ctx.stage_key("gate", "report.html")))
-        return {"changed": False, "failing_rules": failing}
-
-    @task(
-        task_id="deploy",
-        task_display_name="Canary on TorchServe; promote or roll back",
-        execution_timeout=dt.timedelta(hours=2),
-    )
-    def deploy(run_id: str, **context) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from pipeline.stages.deploy.stage import deploy_registered
-
-        p = context["params"]
-        if p.get("skip_deploy"):
-            raise AirflowSkipException("skip_deploy: registered, not deployed; production keeps serving")
-        ctx = _run_context(run_id)
-        if p.get("canary_steps"):
-            ctx.config.canary.steps = [float(x) for x in p["canary_steps"]]
-        with _fault_point(ctx, "deploy", context):
-            summary = deploy_registered(ctx)
-        return _for_xcom(summary)
-
-
-    pooled = ingest(run_id=RUN_ID)
-    feats = features(run_id=RUN_ID)
-    proxy_set = proxy(run_id=RUN_ID)
     best = search(run_id=RUN_ID)
-    candidate = train(run_id=RUN_ID, hparams=best["best_config"])
     decision = gate(run_id=RUN_ID)
-    chain(pooled, feats, proxy_set, best, candidate, decision)
+    chain(ingest(run_id=RUN_ID), features(run_id=RUN_ID), proxy(run_id=RUN_ID), best,
+          train(run_id=RUN_ID, hparams=best["best_config"]), decision)
     registered = register(run_id=RUN_ID)
     decide(decision) >> [registered, report_no_change(run_id=RUN_ID)]
     registered >> deploy(run_id=RUN_ID)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, load_config
@@ -34,11 +35,70 @@ def _context(args: argparse.Namespace):
     return RunContext.create(config, run_id=getattr(args, "run_id", None), root=args.root)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, the function it forwards to (whose docstring is its help) and its options."""
+
+    name: str
+    func: Callable[[argparse.Namespace], dict[str, Any]]
+    run: bool  # takes --run-id (default: a new run)
+    options: tuple[tuple[tuple[str, ...], dict[str, Any], bool], ...]
+
+    def add_to(self, sub: Any) -> None:
+        summary, _, details = (self.func.__doc__ or "").partition("\n\n")
+        p = sub.add_parser(self.name, help=" ".join(summary.split()), description=" ".join(details.split()) or None)
+        _common(p, run=self.run)
+        group = None
+        for flags, options, exclusive in self.options:
+            if exclusive:
+                group = group or p.add_mutually_exclusive_group()
+            (group if exclusive else p).add_argument(*flags, **options)
+        p.set_defaults(func=self.func)
+
+
+COMMANDS: list[Command] = []
+
+
+def option(*flags: str, exclusive: bool = False, **options: Any) -> Callable:
+    """An ``add_argument`` of the command below (``exclusive``: at most one of the exclusive ones)."""
+
+    def attach(func: Callable) -> Callable:
+        func.__dict__.setdefault("cli_options", []).insert(0, (flags, options, exclusive))
+        return func
+
+    return attach
+
+
+def command(name: str, *, run: bool = False) -> Callable:
+    """Register the function below as subcommand ``name``."""
+
+    def register(func: Callable) -> Callable:
+        COMMANDS.append(Command(name, func, run, tuple(func.__dict__.get("cli_options", ()))))
+        return func
+
+    return register
+
+
+ACTOR = ("--actor",), {"metavar": "WHO", "help": "who is acting (default: $ASR_RETUNE_ACTOR or the login name)"}
+REASON = ("--reason",), {"required": True, "help": "why (recorded)"}
+
+
+@command("config")
 def cmd_config(args: argparse.Namespace) -> dict[str, Any]:
+    """print the effective configuration (file + environment overrides)"""
     return load_config(args.config).model_dump(mode="json")
 
 
+@command("demo-data")
+@option("--weeks", type=int, help="number of weekly drops (default: demo.weeks)")
+@option("--seed", type=int, help="random seed (default: demo.seed)")
+@option("--defects", type=int, metavar="N", help="salt each drop with N defective records (default: demo.defects_per_drop)")
 def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
+    """write the demo corpus: weekly drops under ROOT/incoming/ and a golden set under ROOT/golden/
+
+    Build digit-sequence utterances from real FSDD recordings and eSpeak NG voices. The same seed gives
+    byte-identical files.
+    """
     from pipeline.demo.corpus import build_demo_corpus
     from pipeline.storage import open_store
 
@@ -55,31 +115,59 @@ def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+@command("ingest", run=True)
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.ingest.stage import ingest
+    """validate new drops from ROOT/incoming/ into a new training-pool version; quarantine the rest
+
+    Takes every drop not yet in the ledger (ROOT/state/ingest/ledger.json). accepted + len(quarantined)
+    + unparseable_lines == lines_read, always.
+    """
+    from pipeline.stages.ingest import ingest
 
     return ingest(_context(args), progress=not args.quiet)
 
 
+@command("features", run=True)
 def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
+    """compute cached log-mel features for the current training pool"""
     from pipeline.stages.features import extract_features
 
     return extract_features(_context(args), progress=not args.quiet)
 
 
+@command("proxy", run=True)
+@option("--fraction", type=float, help="share of the pool in the proxy (default: proxy.fraction)")
+@option("--seed", type=int, help="sampling seed (default: proxy.seed)")
 def cmd_proxy(args: argparse.Namespace) -> dict[str, Any]:
+    """draw a stratified proxy sample (with its own dev split) of the training pool"""
     from pipeline.stages.proxy import sample_proxy
 
     return sample_proxy(_context(args), fraction=args.fraction, seed=args.seed)
 
 
+@command("search", run=True)
+@option("--trials", type=int, help="number of trials (default: search.trials)")
+@option("--budget", type=float, metavar="SECONDS", help="wall-clock budget (default: search.budget_s)")
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.search.stage import search
+    """Ray Tune ASHA + Optuna TPE search on the run's proxy set; writes runs/RUN_ID/search/best_config.json
+
+    Trials train on the proxy and report dev WER every epoch; ASHA stops weak ones early. Re-running a
+    run id whose search was interrupted restores the experiment (Tuner.restore).
+    """
+    from pipeline.stages.search import search
 
     return search(_context(args), trials=args.trials, budget_s=args.budget, progress=not args.quiet)
 
 
+@command("train", run=True)
+@option("--epochs", type=int, help="override train.epochs")
+@option("--hparams", metavar="JSON", help="a JSON file of hyperparameters laid over model:/train:")
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """full DDP training (Ray Train) on the run's features; exports runs/RUN_ID/train/model.pt
+
+    Trains the configured model (or --hparams, e.g. a search's best_config.json) with train.num_workers
+    DDP workers; a retried run resumes from its last checkpoint.
+    """
     from pipeline.stages.train import train_full
 
     hparams = None
@@ -91,7 +179,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return train_full(_context(args), hparams=hparams, epochs=args.epochs)
 
 
+@command("evaluate")
+@option("--model", required=True, help="exported model file (model.pt) or a registry URI: models:/asr@production, models:/asr/3")
+@option("--manifest", required=True, help="manifest: a path, file:// or s3:// URI, or a key under ROOT")
+@option("--batch-size", type=int, default=16)
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest"""
     from pipeline.asr.evaluation import evaluate
     from pipeline.storage import open_store
 
@@ -106,73 +199,105 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+@command("transcribe")
+@option("--model", required=True, help="exported model file (model.pt)")
+@option("files", nargs="+", metavar="FILE")
 def cmd_transcribe(args: argparse.Namespace) -> dict[str, Any]:
+    """print the transcript of audio files (WAV/FLAC, any rate, mono or stereo)"""
     from pipeline.asr.evaluation import transcribe_files
 
     return transcribe_files(args.model, args.files)
 
 
+@command("gate")
+@option("--run-id", metavar="ID", required=True, help="the run whose candidate (runs/ID/train/model.pt) is gated (required)")
+@option("--candidate", metavar="KEY", help="another candidate: a store key or a local .pt file")
+@option("--force-reason", metavar="TEXT", help="force a pass (recorded in decision, report and registry); never the default")
+@option(*ACTOR[0], **ACTOR[1])
 def cmd_gate(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.gate.stage import gate
+    """evaluate the run's candidate and the production model on the golden set; write decision.json and
+    report.html
+
+    Rules (gate: in the config): WER ceiling, paired-bootstrap ΔWER vs production, worst group,
+    real-time factor. Cold start (no production model): absolute rules only.
+    """
+    from pipeline.stages.gate import gate
 
     return gate(_context(args), candidate_key=args.candidate, force_reason=args.force_reason, actor=args.actor)
 
 
+@command("register")
+@option("--run-id", metavar="ID", required=True, help="the run whose gate passed (required)")
+@option(*ACTOR[0], **ACTOR[1])
 def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
+    """register the run's gated candidate in MLflow (one version per run), alias challenger"""
     from pipeline.stages.register import register
 
     return register(_context(args), actor=args.actor)
 
 
+@command("promote")
+@option("--version", required=True, help="registered model version")
+@option(*REASON[0], **REASON[1])
+@option(*ACTOR[0], **ACTOR[1])
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.register import promote
+    """move alias production to a registered version (recorded: when, who, why, from, to)"""
+    from pipeline.tracking import promote
 
     return promote(_context(args), args.version, reason=args.reason, actor=args.actor)
 
 
+@command("rollback", run=True)
+@option(*REASON[0], **REASON[1])
+@option(*ACTOR[0], **ACTOR[1])
+@option("--serving-only", action="store_true", help="restore the previous version in TorchServe/router without moving the alias", exclusive=True)
+@option("--registry-only", action="store_true", help="move the alias only; leave serving as it is", exclusive=True)
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.deploy.stage import rollback_serving
-    from pipeline.stages.register import rollback
+    """move alias production back to the previous production version, and serve it again in TorchServe"""
+    from pipeline.stages.deploy import rollback
 
-    ctx = _context(args)
-    result: dict[str, Any] = {}
-    if not args.serving_only:
-        result = rollback(ctx, reason=args.reason, actor=args.actor)
-    if not args.registry_only:
-        result["serving"] = rollback_serving(ctx, to_version=result.get("to_version"))
-    return result
+    only = "serving" if args.serving_only else "registry" if args.registry_only else None
+    return rollback(_context(args), reason=args.reason, actor=args.actor, only=only)
 
 
+@command("deploy", run=True)
+@option("--model-key", metavar="KEY", help="store key of the exported candidate (default: runs/RUN_ID/train/model.pt)")
+@option("--version", metavar="VERSION", help="serving version name (default: the run's registered MLflow version)")
+@option("--force", action="store_true", help="run again although the run's deploy stage is complete")
 def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.deploy.stage import deploy, deploy_registered
-    from pipeline.stages.register import promote
+    """canary the run's registered candidate through TorchServe + the router (5%% -> 25%% -> 100%%);
+    promote or roll back
 
-    ctx = _context(args)
-    if not args.model_key and not args.version:
-        return deploy_registered(ctx, force=args.force)
-    return deploy(
-        ctx,
-        candidate_model_key=args.model_key or ctx.stage_key("train", "model.pt"),
-        version=args.version,
-        on_promote=lambda v: promote(ctx, v, reason=f"canary healthy in run {ctx.run_id}", actor="canary"),
-        force=args.force,
-    )
+    Outcome and every step's measurements in runs/RUN_ID/deploy/canary.json. A healthy canary moves
+    MLflow alias production (recorded); an unhealthy one leaves production untouched.
+    """
+    from pipeline.stages.deploy import deploy_model
+
+    return deploy_model(_context(args), model_key=args.model_key, version=args.version, force=args.force)
 
 
+@command("serve")
+@option("action", choices=["status", "stop"])
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.deploy.stage import serving_status, stop_serving
+    """status or stop of the local TorchServe + router"""
+    from pipeline.serving.service import serving_status, stop_serving
 
-    config = load_config(args.config)
-    return serving_status(config) if args.action == "status" else stop_serving(config)
+    serving = load_config(args.config).serving
+    return serving_status(serving) if args.action == "status" else stop_serving(serving)
 
 
+@command("history")
 def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.stages.register import registry_history
+    """every move of the registry aliases (when, who, why, from, to) and where they point now"""
+    from pipeline.tracking import registry_history
 
     return registry_history(_context(args))
 
 
+@command("demo")
+@option("--airflow", action="store_true", help="run each week as the Airflow DAG (airflow dags test) instead of in-process")
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """week by week: write the week's demo drop, then run the weekly pipeline on it (what 'make demo' runs)"""
     from pipeline.demo.weekly import run_demo, run_demo_airflow
 
     config = load_config(args.config)
@@ -187,146 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'asr-retune COMMAND --help' for a command's options. Artifacts live under ROOT/runs/RUN_ID/STAGE/.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("config", help="print the effective configuration (file + environment overrides)")
-    _common(p)
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser(
-        "demo-data",
-        help="write the demo corpus: weekly drops under ROOT/incoming/ and a golden set under ROOT/golden/",
-        description="Build digit-sequence utterances from real FSDD recordings and eSpeak NG voices. "
-        "The same seed gives byte-identical files.",
-    )
-    _common(p)
-    p.add_argument("--weeks", type=int, help="number of weekly drops (default: demo.weeks)")
-    p.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
-    p.add_argument("--defects", type=int, metavar="N", help="salt each drop with N defective records (default: demo.defects_per_drop)")
-    p.set_defaults(func=cmd_demo_data)
-
-    p = sub.add_parser(
-        "ingest",
-        help="validate new drops from ROOT/incoming/ into a new training-pool version; quarantine the rest",
-        description="Takes every drop not yet in the ledger (ROOT/state/ingest/ledger.json). "
-        "accepted + len(quarantined) + unparseable_lines == lines_read, always.",
-    )
-    _common(p, run=True)
-    p.set_defaults(func=cmd_ingest)
-
-    p = sub.add_parser("features", help="compute cached log-mel features for the current training pool")
-    _common(p, run=True)
-    p.set_defaults(func=cmd_features)
-
-    p = sub.add_parser("proxy", help="draw a stratified proxy sample (with its own dev split) of the training pool")
-    _common(p, run=True)
-    p.add_argument("--fraction", type=float, help="share of the pool in the proxy (default: proxy.fraction)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: proxy.seed)")
-    p.set_defaults(func=cmd_proxy)
-
-    p = sub.add_parser(
-        "search",
-        help="Ray Tune ASHA + Optuna TPE search on the run's proxy set; writes runs/RUN_ID/search/best_config.json",
-        description="Trials train on the proxy and report dev WER every epoch; ASHA stops weak ones early. "
-        "Re-running a run id whose search was interrupted restores the experiment (Tuner.restore).",
-    )
-    _common(p, run=True)
-    p.add_argument("--trials", type=int, help="number of trials (default: search.trials)")
-    p.add_argument("--budget", type=float, metavar="SECONDS", help="wall-clock budget (default: search.budget_s)")
-    p.set_defaults(func=cmd_search)
-
-    p = sub.add_parser(
-        "train",
-        help="full DDP training (Ray Train) on the run's features; exports runs/RUN_ID/train/model.pt",
-        description="Trains the configured model (or --hparams, e.g. a search's best_config.json) with "
-        "train.num_workers DDP workers; a retried run resumes from its last checkpoint.",
-    )
-    _common(p, run=True)
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--hparams", metavar="JSON", help="a JSON file of hyperparameters laid over model:/train:")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest",
-    )
-    _common(p)
-    p.add_argument("--model", required=True, help="exported model file (model.pt) or a registry URI: models:/asr@production, models:/asr/3")
-    p.add_argument("--manifest", required=True, help="manifest: a path, file:// or s3:// URI, or a key under ROOT")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("transcribe", help="print the transcript of audio files (WAV/FLAC, any rate, mono or stereo)")
-    _common(p)
-    p.add_argument("--model", required=True, help="exported model file (model.pt)")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_transcribe)
-
-    p = sub.add_parser(
-        "gate",
-        help="evaluate the run's candidate and the production model on the golden set; write decision.json and report.html",
-        description="Rules (gate: in the config): WER ceiling, paired-bootstrap ΔWER vs production, worst group, "
-        "real-time factor. Cold start (no production model): absolute rules only.",
-    )
-    _common(p)
-    p.add_argument("--run-id", metavar="ID", required=True, help="the run whose candidate (runs/ID/train/model.pt) is gated")
-    p.add_argument("--candidate", metavar="KEY", help="another candidate: a store key or a local .pt file")
-    p.add_argument("--force-reason", metavar="TEXT", help="force a pass (recorded in decision, report and registry); never the default")
-    p.add_argument("--actor", metavar="WHO", help="who is acting (default: $ASR_RETUNE_ACTOR or the login name)")
-    p.set_defaults(func=cmd_gate)
-
-    p = sub.add_parser("register", help="register the run's gated candidate in MLflow (one version per run), alias challenger")
-    _common(p)
-    p.add_argument("--run-id", metavar="ID", required=True, help="the run whose gate passed")
-    p.add_argument("--actor", metavar="WHO")
-    p.set_defaults(func=cmd_register)
-
-    p = sub.add_parser("promote", help="move alias production to a registered version (recorded: when, who, why, from, to)")
-    _common(p)
-    p.add_argument("--version", required=True, help="registered model version")
-    p.add_argument("--reason", required=True, help="why (recorded)")
-    p.add_argument("--actor", metavar="WHO")
-    p.set_defaults(func=cmd_promote)
-
-    p = sub.add_parser(
-        "rollback",
-        help="move alias production back to the previous production version, and serve it again in TorchServe",
-    )
-    _common(p, run=True)
-    p.add_argument("--reason", required=True, help="why (recorded)")
-    p.add_argument("--actor", metavar="WHO")
-    only = p.add_mutually_exclusive_group()
-    only.add_argument("--serving-only", action="store_true", help="restore the previous version in TorchServe/router without moving the alias")
-    only.add_argument("--registry-only", action="store_true", help="move the alias only; leave serving as it is")
-    p.set_defaults(func=cmd_rollback)
-
-    p = sub.add_parser(
-        "deploy",
-        help="canary the run's registered candidate through TorchServe + the router (5%% -> 25%% -> 100%%); promote or roll back",
-        description="Outcome and every step's measurements in runs/RUN_ID/deploy/canary.json. "
-        "A healthy canary moves MLflow alias production (recorded); an unhealthy one leaves production untouched.",
-    )
-    _common(p, run=True)
-    p.add_argument("--model-key", metavar="KEY", help="store key of the exported candidate (default: runs/RUN_ID/train/model.pt)")
-    p.add_argument("--version", metavar="VERSION", help="serving version name (default: the run's registered MLflow version)")
-    p.add_argument("--force", action="store_true", help="run again although the run's deploy stage is complete")
-    p.set_defaults(func=cmd_deploy)
-
-    p = sub.add_parser("serve", help="status or stop of the local TorchServe + router")
-    _common(p)
-    p.add_argument("action", choices=["status", "stop"])
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("history", help="every move of the registry aliases (when, who, why, from, to) and where they point now")
-    _common(p)
-    p.set_defaults(func=cmd_history)
-
-    p = sub.add_parser(
-        "demo",
-        help="week by week: write the week's demo drop, then run the weekly pipeline on it (what 'make demo' runs)",
-    )
-    _common(p)
-    p.add_argument("--airflow", action="store_true", help="run each week as the Airflow DAG (airflow dags test) instead of in-process")
-    p.set_defaults(func=cmd_demo)
+    for cmd in COMMANDS:
+        cmd.add_to(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 * :func:`build_golden_store` — a store holding only a small demo golden set built from the
   real FSDD recordings (5 speakers, one never seen in training).
-* :func:`isolate_registry` — the registry's experiment and model cache of the test's own.
+* :func:`registry_config` — a configuration whose ``mlflow`` section is the test's own
+  (server, registered model, experiment, model cache), set as a user's config file sets it.
 * :func:`put_candidate` — what the train stage leaves for the gate: model, metrics, history.
 """
 
@@ -12,8 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.stages import register as registry
-from pipeline.config import DemoConfig
+from pipeline.config import Config, DemoConfig, MlflowConfig
 from pipeline.run import RunContext
 from pipeline.storage import open_store
 
@@ -29,10 +29,10 @@ def build_golden_store(root: Path, golden_utterances: int = 40) -> Path:
     return root
 
 
-def isolate_registry(monkeypatch, cache: Path, experiment: str = "asr-retune-tests") -> None:
-    monkeypatch.setattr(registry, "registry_settings",
-                        lambda cfg: registry.RegistrySettings(experiment=experiment, model_cache=str(cache)))  # fmt: skip
-    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
+def registry_config(tracking_uri: str, cache: Path, *, name: str = "asr", experiment: str = "asr-retune-tests") -> Config:
+    """A configuration tracking into ``tracking_uri``: registered model ``name``, its own experiment and model cache."""
+    return Config(mlflow=MlflowConfig(tracking_uri=tracking_uri, artifact_root="", registered_model=name,
+                                      experiment=experiment, model_cache=str(cache)))
 
 
 def put_candidate(ctx: RunContext, model: Path) -> None:

@@ -3,10 +3,7 @@
 Shared by tests/integration/test_canary.py and tests/reliability/test_serving_faults.py; each
 module builds its own servers with a module-scoped fixture::
 
-    @pytest.fixture(scope="module")
-    def env(tmp_path_factory):
-        with running_env(tmp_path_factory.mktemp("canary")) as e:
-            yield e
+    env = env_fixture("canary")
 
 One TorchServe (1 worker per version, a random-weight model of a few hundred KB) and one
 nginx router; :func:`deploy_version` runs the real ``deploy`` stage against them, and
@@ -27,18 +24,19 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline.stages.deploy.stage import deploy, open_router
-from pipeline.config import Config, FeatureConfig, ModelConfig
 from pipeline.asr.export import export_model
 from pipeline.asr.frontend import frontend_settings
-from pipeline.data.manifest import Utterance, write_manifest
 from pipeline.asr.model import ASRModel
-from pipeline.run import RunContext
-from pipeline.serving.config import CanaryConfig, ServingConfig
-from pipeline.serving.router import ROUTED_VERSION_HEADER, find_nginx
-from pipeline.serving.torchserve import TorchServe
-from pipeline.storage import LocalStore
 from pipeline.asr.vocab import vocab_size
+from pipeline.config import CanaryConfig, Config, FeatureConfig, ModelConfig, ServingConfig
+from pipeline.data.manifest import Utterance, write_manifest
+from pipeline.run import RunContext
+from pipeline.serving.nginx import find_nginx
+from pipeline.serving.router import ROUTED_VERSION_HEADER
+from pipeline.serving.service import open_router
+from pipeline.serving.torchserve import TorchServe
+from pipeline.stages.deploy.stage import deploy
+from pipeline.storage import LocalStore
 from wavfactory import make_audio
 
 GOLDEN = "t1"
@@ -117,6 +115,17 @@ def running_env(root: Path, *, canary: CanaryConfig | None = None, **serving_ove
         router.stop()
         backend.stop()
     assert not backend.healthy()
+
+
+def env_fixture(name: str):
+    """A module-scoped fixture ``env``: a running :class:`Env` under a temp folder named ``name``."""
+
+    @pytest.fixture(scope="module")
+    def env(tmp_path_factory) -> Iterator[Env]:
+        with running_env(tmp_path_factory.mktemp(name)) as e:
+            yield e
+
+    return env
 
 
 def make_ctx(env: Env, run_id: str) -> RunContext:

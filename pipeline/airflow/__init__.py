@@ -1,1 +1,2 @@
-"""What the Airflow DAG and plugin use: alert callbacks and the gating-report browser."""
+"""What the Airflow DAG and plugin use: alert callbacks, the gating-report browser and the
+test-only fault hook."""

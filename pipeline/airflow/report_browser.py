@@ -5,7 +5,9 @@ mounts :func:`create_app` under ``/asr-reports``). It reads only the configured 
 store (``storage.root``): for every ``runs/{run_id}/`` it shows the gate decision when
 ``gate/decision.json`` exists, else which stages completed (their ``_SUCCESS`` markers),
 and serves ``gate/report.html``. Nothing from the configuration is shown except the store's
-root with any user/password part removed; endpoints and credentials never appear.
+root with any user/password part removed; endpoints and credentials never appear. The
+pages are Jinja2 templates in ``templates/`` (``runs.html.j2``, ``message.html.j2``), which
+escape every value.
 
 Routes (relative to the mount point):
 
@@ -18,17 +20,21 @@ Routes (relative to the mount point):
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import jinja2
+
 from pipeline.config import ConfigError
+from pipeline.run import RUN_ID_RE, STAGES, SUCCESS
 from pipeline.storage import LocalStore, ObjectStore, S3Store, StorageError, join
 
 log = logging.getLogger(__name__)
@@ -36,18 +42,14 @@ log = logging.getLogger(__name__)
 __all__ = ["RunEntry", "create_app", "describe_run", "list_run_ids", "list_runs", "render_list", "safe_root"]
 
 RUNS = "runs"
-SUCCESS = "_SUCCESS"
 GATE_DECISION = "gate/decision.json"
 GATE_REPORT = "gate/report.html"
-# The weekly order; stages not listed here are shown after these, by name.
-STAGE_ORDER = ("ingest", "features", "proxy", "search", "train", "gate", "register", "canary", "deploy", "promote")
 MAX_LIMIT = 500
 
 CSP_LIST = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 # The gate's report is our own HTML, with transcripts in it: no scripts, no remote loads.
 CSP_REPORT = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:; frame-ancestors 'self'"
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,199}$")
 _ISO = re.compile(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})")
 _COMPACT = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z")
 
@@ -115,11 +117,12 @@ def _sort_key(run_id: str, decision: dict[str, Any] | None) -> str:
 
 def list_run_ids(store: ObjectStore) -> list[str]:
     """Every folder under ``runs/`` that is a valid run id."""
-    return [r for r in _child_dirs(store, RUNS) if _RUN_ID.match(r)]
+    return [r for r in _child_dirs(store, RUNS) if RUN_ID_RE.match(r)]
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+    """The weekly order (:data:`pipeline.run.STAGES`); other partitions (e.g. ``features-{hash}``) after, by name."""
+    return (STAGES.index(stage) if stage in STAGES else len(STAGES), stage)
 
 
 def _brief_decision(raw: dict[str, Any]) -> dict[str, Any]:
@@ -172,103 +175,47 @@ def list_runs(store: ObjectStore, limit: int = 50) -> tuple[list[RunEntry], int]
 
 # --------------------------------------------------------------------------- HTML
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
-h1{font-size:22px;margin:0 0 4px}
-p.sub{color:#59636e;margin:0 0 16px;font-size:13px}
-table{border-collapse:collapse;width:100%;font-size:14px}
-th,td{border-bottom:1px solid #d1d9e0;padding:8px 10px;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}
-tr:hover td{background:#f6f8fa}
-code{font-size:12px}
-td.run code{white-space:nowrap}
-.badge{display:inline-block;padding:2px 8px;border-radius:10px;font-weight:600;font-size:12px}
-.pass{background:#dafbe1;color:#116329}.fail{background:#ffebe9;color:#a40e26}
-.forced{background:#fff8c5;color:#7d4e00}.none{background:#eef1f4;color:#59636e}
-.stage{display:inline-block;margin:1px 3px 1px 0;padding:1px 6px;border-radius:4px;font-size:12px}
-.done{background:#dafbe1;color:#116329}.incomplete{background:#ffebe9;color:#a40e26}
-.muted{color:#59636e}
-"""
+
+@functools.lru_cache(maxsize=1)
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+def _row(entry: RunEntry) -> dict[str, Any]:
+    """What the list shows of one run, as plain values (the template escapes them)."""
+    # imported here: the plugin module stays cheap to import in every Airflow component
+    from pipeline.asr.metrics import format_pct, format_points
 
-
-def _pct(x: Any) -> str:
-    return f"{100 * float(x):.2f} %" if isinstance(x, (int, float)) else "–"
-
-
-def _decision_cell(entry: RunEntry) -> str:
-    d = entry.decision
-    if d is None:
-        text = entry.note or "no gate decision yet"
-        return f'<span class="badge none">{_e(text)}</span>'
-    if d["forced"]:
-        badge = f'<span class="badge forced">PASS (forced)</span><div class="muted">{_e(d.get("force_reason"))}</div>'
-    elif d["passed"]:
-        badge = '<span class="badge pass">PASS</span>'
-    else:
-        badge = '<span class="badge fail">FAIL</span>'
-    if d["cold_start"]:
-        badge += '<div class="muted">cold start (no production model)</div>'
-    return badge
-
-
-def _stages_cell(entry: RunEntry) -> str:
-    chips = [f'<span class="stage done" title="completed">{_e(s)} ✓</span>' for s in entry.stages_done]
-    chips += [f'<span class="stage incomplete" title="started, not completed">{_e(s)} ✗</span>'
-              for s in entry.stages_incomplete]
-    return "".join(chips) or '<span class="muted">nothing yet</span>'
+    d = entry.decision or {}
+    ci = d.get("delta_wer_ci")
+    return {
+        "run_id": entry.run_id,
+        "decision": entry.decision,
+        "note": entry.note,
+        "candidate_wer": format_pct(d.get("candidate_wer")),
+        "production_wer": format_pct(d.get("production_wer")),
+        "production_version": d.get("production_version"),
+        "delta_ci": f"[{format_points(ci[0])}, {format_points(ci[1])}]" if ci and None not in ci else "n/a",
+        "failing": ", ".join(d.get("failing_rules") or []) or "–",
+        "stages_done": entry.stages_done,
+        "stages_incomplete": entry.stages_incomplete,
+        "report_link": f"runs/{quote(entry.run_id, safe='')}/report" if entry.has_report else None,
+    }
 
 
 def render_list(entries: Sequence[RunEntry], total: int, root: str) -> str:
-    """The server-rendered list page; every value is escaped, links are relative."""
-    rows = []
-    for entry in entries:
-        d = entry.decision or {}
-        link = f"runs/{quote(entry.run_id, safe='')}/report"
-        report = f'<a href="{_e(link)}">report</a>' if entry.has_report else '<span class="muted">–</span>'
-        prod = _pct(d.get("production_wer"))
-        if d.get("production_version") is not None:
-            prod += f' <span class="muted">(v{_e(d["production_version"])})</span>'
-        ci = d.get("delta_wer_ci")
-        delta = "–"
-        if ci and all(isinstance(v, (int, float)) for v in ci):
-            delta = f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] pts"
-        failing = ", ".join(d.get("failing_rules") or []) or "–"
-        rows.append(
-            "<tr>"
-            f'<td class="run"><code>{_e(entry.run_id)}</code></td>'
-            f"<td>{_decision_cell(entry)}</td>"
-            f"<td>{_pct(d.get('candidate_wer'))}</td>"
-            f"<td>{prod}</td>"
-            f"<td>{_e(delta)}</td>"
-            f"<td>{_e(failing)}</td>"
-            f"<td>{_stages_cell(entry)}</td>"
-            f"<td>{report}</td>"
-            "</tr>"
-        )
-    body = "".join(rows) or '<tr><td colspan="8" class="muted">No runs in this store yet.</td></tr>'
+    """The server-rendered list page (``templates/runs.html.j2``); every value is escaped, links are relative."""
     shown = f"showing {len(entries)} of {total} run(s), newest first" if total else "no runs yet"
-    return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<title>ASR gating reports</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        "<h1>ASR gating reports</h1>"
-        f'<p class="sub">asr_weekly_retune · store <code>{_e(root)}</code> · {_e(shown)}</p>'
-        "<table><thead><tr><th>Run</th><th>Gate decision</th><th>Candidate WER</th><th>Production WER</th>"
-        "<th>ΔWER CI</th><th>Failing rules</th><th>Stages</th><th>Report</th></tr></thead>"
-        f"<tbody>{body}</tbody></table></body></html>"
-    )
+    return _templates().get_template("runs.html.j2").render(rows=[_row(e) for e in entries], root=root, shown=shown)
 
 
 def _message_page(title: str, message: str) -> str:
-    return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p>{_e(message)}</p><p><a href=\"../../\">all runs</a></p></body></html>"
-    )
+    return _templates().get_template("message.html.j2").render(title=title, message=message)
 
 
 # --------------------------------------------------------------------------- the app
@@ -303,7 +250,7 @@ def create_app(
         })
 
     def checked(run_id: str) -> str:
-        if not _RUN_ID.match(run_id):
+        if not RUN_ID_RE.match(run_id):
             raise HTTPException(status_code=400, detail="invalid run id: letters, digits and _.:+- only")
         return run_id
 

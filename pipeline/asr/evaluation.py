@@ -2,12 +2,15 @@
 
 Scoring (WER/CER per utterance, per group, the paired bootstrap) is
 :mod:`pipeline.asr.metrics`; results carry per-utterance error counts so gating can
-compare two models scored on the same manifest.
+compare two models scored on the same manifest. A model is given as a local file, a key
+of the store (:func:`fetch_model`) or a ``models:/`` registry URI (:func:`evaluate`,
+resolved by :mod:`pipeline.tracking`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +24,7 @@ from pipeline.config import MlflowConfig, StorageConfig
 from pipeline.storage import ObjectStore, open_store
 from pipeline.data.text import normalize_text
 from pipeline.asr.metrics import EvalResult, UttScore, score_pairs
+from pipeline.tracking import resolve_model_uri
 
 
 def open_manifest(
@@ -36,6 +40,19 @@ def open_manifest(
     if store is not None and store.exists(ref):
         return store, ref
     raise FileNotFoundError(f"manifest not found: {ref} (a local path, an s3:// or file:// URI, or a key under the store root)")
+
+
+def fetch_model(store: ObjectStore, ref: str, dest: str | os.PathLike) -> None:
+    """Copy a model file given as a local path, or else as a key of ``store``, to ``dest``."""
+    if os.path.isfile(ref):
+        shutil.copyfile(ref, dest)
+    else:
+        store.download_file(ref, dest)
+
+
+def model_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata an exported model file carries (what :mod:`pipeline.tracking` logs as params)."""
+    return load_exported(path).meta
 
 
 def load_waveform(store: ObjectStore, key: str, sample_rate: int) -> np.ndarray:
@@ -89,8 +106,6 @@ def evaluate(
     ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` registry URI) on a manifest."""
     path = model_ref
     if model_ref.startswith("models:/"):
-        from pipeline.stages.register import resolve_model_uri
-
         path = str(resolve_model_uri(model_ref, mlflow_config or MlflowConfig()))
     model = load_exported(path)
     mstore, key = open_manifest(manifest_ref, store, storage_config)

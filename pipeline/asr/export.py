@@ -3,7 +3,7 @@
 ``model.pt`` is ``torch.jit.script`` of :class:`ServingModel` (waveform in, CTC
 log-probs out) with ``meta.json`` embedded as an extra file (tokens, sample rate,
 front-end settings, hyperparameters, lineage). :func:`load_exported` needs only torch:
-evaluation, the registry and TorchServe all load this same artifact.
+evaluation, the register stage and TorchServe all load this same artifact.
 """
 
 from __future__ import annotations

@@ -162,7 +162,3 @@ class ASRModel(nn.Module):
         out_lengths = subsampled_lengths(lengths).clamp(min=1, max=x.size(1))
         x = self.encoder(x, out_lengths)
         return self.head(x).log_softmax(dim=-1), out_lengths
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -11,6 +11,9 @@ Under ``torch.distributed`` (Ray Train's TorchTrainer sets it up) the model is w
 in DDP, every rank takes its share of the batches, dev error counts are all-reduced, and
 the report callback is called on every rank with a checkpoint state on rank 0 only
 (``None`` elsewhere), so that only rank 0 logs and checkpoints.
+
+:func:`resolve_hparams` gives the model and train settings a trial or full training uses:
+the configuration's, with a search point's keys laid on top.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, TrainConfig
 from pipeline.asr.metrics import score_pairs
 from pipeline.asr.model import ASRModel
 from pipeline.asr.vocab import decode_ids, encode_text, vocab_size
+from pipeline.config import Config, ModelConfig, TrainConfig
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,6 +221,19 @@ def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = N
     return model
 
 
+def resolve_hparams(config: Config, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainConfig]:
+    """Model and train settings from config, with a search winner's keys laid on top."""
+    overrides = overrides or {}
+    model_keys = set(ModelConfig.model_fields)
+    train_keys = set(TrainConfig.model_fields)
+    unknown = set(overrides) - model_keys - train_keys - {"n_mels", "win_ms", "hop_ms"}
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)}: not fields of model: or train:")
+    model = ModelConfig.model_validate({**config.model.model_dump(), **{k: v for k, v in overrides.items() if k in model_keys}})
+    train = TrainConfig.model_validate({**config.train.model_dump(), **{k: v for k, v in overrides.items() if k in train_keys}})
+    return model, train
+
+
 def train_model(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -237,118 +253,154 @@ def train_model(
     ``stop_after_batches`` simulates a crash mid-epoch (tests): it raises ``KeyboardInterrupt``
     after that many optimizer batches in the current call.
     """
-    rank, world = _dist()
-    seed_everything(train_cfg.seed)
-    use_cuda = train_cfg.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    model = build_model(model_cfg, n_mels, feature_mean, feature_var).to(device)
-    lr = effective_lr(train_cfg, world)
-    optimizer = build_optimizer(model, train_cfg, lr)
-    epochs = max_epochs or train_cfg.epochs
-    frames = train_set.frames()
-    batches_per_epoch = math.ceil(len(frames) / train_cfg.batch_size)
-    per_rank = max(1, batches_per_epoch // world)
-    steps_per_epoch = max(1, per_rank // train_cfg.grad_accum)
-    schedule = Schedule(optimizer, train_cfg, steps_per_epoch * epochs)
-    scaler = torch.amp.GradScaler("cuda") if use_cuda else None
-    start_epoch = 0
-    history: list[EpochReport] = []
+    loop = _Loop(model_cfg, train_cfg, train_set.frames(), n_mels, feature_mean, feature_var, max_epochs)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        start_epoch = int(resume["epoch"])
-        history = [EpochReport(**h) for h in resume.get("history", [])]
-        _set_rng(resume["rng"])
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # buffers are constants
-    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
-    done_batches = 0
-    for epoch in range(start_epoch, epochs):
-        model.train()
+        loop.restore(resume)
+    if loop.world > 1:
+        loop.model = nn.parallel.DistributedDataParallel(loop.model, broadcast_buffers=False)  # buffers are constants
+    for epoch in range(loop.start_epoch, loop.epochs):
         t0 = time.perf_counter()
-        batches = make_batches(frames, train_cfg.batch_size, train_cfg.seed, epoch)
-        batches = batches[: per_rank * world][rank::world]
+        totals = loop.train_epoch(train_set, epoch, stop_after_batches)
+        rep = loop.evaluate(dev_set, epoch, t0, *totals)
+        loop.history.append(rep)
+        if report is not None:
+            # every rank reports (Ray Train's report is a barrier); only rank 0 carries a checkpoint
+            report(rep, copy.deepcopy(loop.checkpoint_state(epoch)) if loop.rank == 0 else None)
+    return _unwrap(loop.model), loop.history
+
+
+class _Loop:
+    """The state of one :func:`train_model` call: model, optimizer, schedule, device and ranks."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, frames: np.ndarray, n_mels: int,
+                 mean: np.ndarray | None, var: np.ndarray | None, max_epochs: int | None):
+        self.model_cfg, self.cfg, self.frames, self.n_mels = model_cfg, cfg, frames, n_mels
+        self.rank, self.world = _dist()
+        seed_everything(cfg.seed)
+        self.use_cuda = cfg.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
+        self.model: nn.Module = build_model(model_cfg, n_mels, mean, var).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg, effective_lr(cfg, self.world))
+        self.epochs = max_epochs or cfg.epochs
+        batches_per_epoch = math.ceil(len(frames) / cfg.batch_size)
+        self.per_rank = max(1, batches_per_epoch // self.world)
+        steps_per_epoch = max(1, self.per_rank // cfg.grad_accum)
+        self.schedule = Schedule(self.optimizer, cfg, steps_per_epoch * self.epochs)
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_cuda else None
+        self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+        self.start_epoch = 0
+        self.history: list[EpochReport] = []
+        self.done_batches = 0  # in this call, for stop_after_batches
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        """Continue from a checkpoint state: weights, optimizer, schedule, epoch, history and RNGs."""
+        self.model.load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.schedule.load_state_dict(resume["schedule"])
+        self.start_epoch = int(resume["epoch"])
+        self.history = [EpochReport(**h) for h in resume.get("history", [])]
+        _set_rng(resume["rng"])
+
+    def train_epoch(self, train_set: FeatureDataset, epoch: int, stop_after_batches: int | None) -> tuple[float, int, int, float]:
+        """One epoch over this rank's batches; returns (loss sum, losses, utterances, last grad norm)."""
+        cfg = self.cfg
+        self.model.train()
+        batches = make_batches(self.frames, cfg.batch_size, cfg.seed, epoch)
+        batches = batches[: self.per_rank * self.world][self.rank :: self.world]
         loss_sum, n_loss, n_utts, grad_norm = 0.0, 0, 0, 0.0
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         for b, idx in enumerate(batches):
-            x, lengths, y, ylens = collate(train_set, idx)
-            try:
-                with torch.autocast("cuda", enabled=use_cuda):
-                    log_probs, out_lengths = model(x.to(device), lengths.to(device))
-                    loss = ctc(log_probs.transpose(0, 1).float(), y.to(device), out_lengths, ylens.to(device))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {b + 1}")
-                scaled = loss / train_cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            except RuntimeError as exc:
-                if _is_oom(exc):
-                    raise TrainingOutOfMemory(
-                        f"out of memory at batch_size={train_cfg.batch_size} "
-                        f"(longest utterance {int(lengths.max())} frames): lower train.batch_size and raise train.grad_accum"
-                    ) from None
-                raise
-            loss_sum += loss.item()
+            loss_sum += self._backward(train_set, idx, epoch, b)
             n_loss += 1
             n_utts += len(idx)
-            if (b + 1) % train_cfg.grad_accum == 0 or b + 1 == len(batches):
-                if scaler:
-                    scaler.unscale_(optimizer)
-                norm = float(nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm))
-                if not math.isfinite(norm) or norm > train_cfg.max_grad_norm_abort:
-                    raise TrainingDiverged(
-                        f"gradient norm {norm:.3g} exceeds train.max_grad_norm_abort={train_cfg.max_grad_norm_abort:g} "
-                        f"at epoch {epoch + 1}, batch {b + 1}"
-                    )
-                grad_norm = norm
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-            done_batches += 1
-            if stop_after_batches is not None and done_batches >= stop_after_batches:
-                raise KeyboardInterrupt(f"simulated crash after {done_batches} batches")
+            if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
+                grad_norm = self._step(epoch, b)
+            self.done_batches += 1
+            if stop_after_batches is not None and self.done_batches >= stop_after_batches:
+                raise KeyboardInterrupt(f"simulated crash after {self.done_batches} batches")
+        return loss_sum, n_loss, n_utts, grad_norm
+
+    def _backward(self, train_set: FeatureDataset, idx: list[int], epoch: int, b: int) -> float:
+        """Forward and backward of one batch; its loss. Non-finite loss: diverged; out of memory: oom."""
+        x, lengths, y, ylens = collate(train_set, idx)
+        device = self.device
+        try:
+            with torch.autocast("cuda", enabled=self.use_cuda):
+                log_probs, out_lengths = self.model(x.to(device), lengths.to(device))
+                loss = self.ctc(log_probs.transpose(0, 1).float(), y.to(device), out_lengths, ylens.to(device))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {b + 1}")
+            scaled = loss / self.cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        except RuntimeError as exc:
+            if _is_oom(exc):
+                raise TrainingOutOfMemory(
+                    f"out of memory at batch_size={self.cfg.batch_size} "
+                    f"(longest utterance {int(lengths.max())} frames): lower train.batch_size and raise train.grad_accum"
+                ) from None
+            raise
+        return loss.item()
+
+    def _step(self, epoch: int, b: int) -> float:
+        """Clip, check and apply the accumulated gradients; their norm. An exploding norm: diverged."""
+        cfg = self.cfg
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+        if not math.isfinite(norm) or norm > cfg.max_grad_norm_abort:
+            raise TrainingDiverged(
+                f"gradient norm {norm:.3g} exceeds train.max_grad_norm_abort={cfg.max_grad_norm_abort:g} "
+                f"at epoch {epoch + 1}, batch {b + 1}"
+            )
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return norm
+
+    def evaluate(self, dev_set: FeatureDataset, epoch: int, started: float,
+                 loss_sum: float, n_loss: int, n_utts: int, grad_norm: float) -> EpochReport:
+        """Dev WER/CER/loss after an epoch (summed over ranks), the schedule's epoch step, the report
+        (``seconds``: since ``started``, dev evaluation included)."""
         # the bare module: a DDP forward is a collective, and ranks may hold different dev batch counts
-        dev = dev_error_counts(_unwrap(model), dev_set, train_cfg.batch_size, rank, world)
+        dev = dev_error_counts(_unwrap(self.model), dev_set, self.cfg.batch_size, self.rank, self.world)
         totals = torch.tensor([*dev, loss_sum, n_loss, n_utts], dtype=torch.float64)
-        if world > 1:
+        if self.world > 1:
             torch.distributed.all_reduce(totals)
         errs, words, cerrs, chars, dev_loss_sum, dev_n, loss_sum, n_loss, n_utts = totals.tolist()
         dev_wer = errs / words if words else math.nan
-        seconds = time.perf_counter() - t0
-        schedule.epoch_end(dev_wer)
-        rep = EpochReport(
+        seconds = time.perf_counter() - started
+        self.schedule.epoch_end(dev_wer)
+        return EpochReport(
             epoch=epoch + 1,
             train_loss=loss_sum / max(1, n_loss),
             dev_wer=dev_wer,
             dev_cer=cerrs / chars if chars else math.nan,
             dev_loss=dev_loss_sum / dev_n if dev_n else math.nan,
-            lr=optimizer.param_groups[0]["lr"],
+            lr=self.optimizer.param_groups[0]["lr"],
             grad_norm=grad_norm,
             seconds=seconds,
             utts_per_s=n_utts / seconds if seconds else 0.0,
             n_train=int(n_utts),
             n_dev=len(dev_set),
         )
-        history.append(rep)
-        if report is not None:
-            # every rank reports (Ray Train's report is a barrier); only rank 0 carries a checkpoint
-            state = None if rank != 0 else {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch + 1,
-                "rng": _get_rng(),
-                "history": [h.metrics() for h in history],
-                "model_cfg": model_cfg.model_dump(),
-                "train_cfg": train_cfg.model_dump(),
-                "n_mels": n_mels,
-            }
-            report(rep, copy.deepcopy(state) if state is not None else None)
-    return _unwrap(model), history
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """A complete state after ``epoch``: what :meth:`restore` and :func:`load_checkpoint_model` read."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": epoch + 1,
+            "rng": _get_rng(),
+            "history": [h.metrics() for h in self.history],
+            "model_cfg": self.model_cfg.model_dump(),
+            "train_cfg": self.cfg.model_dump(),
+            "n_mels": self.n_mels,
+        }
 
 
 def _get_rng() -> dict[str, Any]:

@@ -32,7 +32,7 @@ def collapse(ids: Sequence[int], tokens: Sequence[str] = TOKENS, blank: int = BL
 
     The library copy. ``pipeline/serving/handler.py`` (packaged alone into the .mar) and
     ``pipeline/serving/pyfunc_model.py`` (copied into each MLflow model) keep their own,
-    which ``tests/unit/asr/test_vocab.py`` checks against this one.
+    which ``tests/unit/serving/test_decode_copies.py`` checks against this one.
     """
     out: list[str] = []
     prev = -1

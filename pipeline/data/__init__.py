@@ -1,1 +1,2 @@
-"""Speech data: audio decoding, text normalization, NeMo manifests, the training pool and datasets."""
+"""Speech data: audio decoding, text normalization, NeMo manifests, the training pool,
+the feature shards and datasets."""

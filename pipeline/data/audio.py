@@ -2,7 +2,7 @@
 
 Decoding goes through ``soundfile`` (libsndfile: WAV, FLAC, OGG, ... at any sample rate
 and channel count); torchaudio >= 2.9 no longer decodes files, so it is used only for
-resampling. Everything that enters the pool is converted once to mono at the front-end
+resampling (:func:`resample`, the one resampler of the pipeline). Everything that enters the pool is converted once to mono at the front-end
 sample rate and stored as **16-bit PCM WAV**: the source recordings are 16-bit, so
 nothing is lost, files are half the size of float WAV, and out-of-range samples are
 clipped explicitly here rather than silently by a writer.
@@ -10,6 +10,7 @@ clipped explicitly here rather than silently by a writer.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -17,8 +18,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
-__all__ = ["AudioDecodeError", "decode_audio", "encode_wav", "rms_dbfs", "to_mono_resampled"]
+__all__ = ["AudioDecodeError", "decode_audio", "encode_wav", "resample", "rms_dbfs", "to_mono_resampled"]
 
 
 class AudioDecodeError(ValueError):
@@ -44,6 +46,36 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(samples.T, dtype=np.float32), int(sample_rate)
 
 
+def resample(
+    wave: np.ndarray | torch.Tensor, orig_sr: int, new_sr: int, *, cache_kernel: bool = False
+) -> np.ndarray | torch.Tensor:
+    """``wave`` ([..., samples]) converted from ``orig_sr`` to ``new_sr`` Hz with torchaudio's
+    windowed-sinc resampler, as float32 of the kind given (numpy array or tensor).
+
+    Returned as it is (as contiguous float32) when the rates are equal or there are no samples. By
+    default the filter kernel is built for each call in the samples' precision
+    (``torchaudio.functional.resample``). ``cache_kernel`` reuses one
+    ``torchaudio.transforms.Resample`` per rate pair instead (its kernel is computed once in
+    float64 and kept as float32): faster for many short clips, and slightly different in
+    the last bits, so a caller keeps to one of the two.
+    """
+    is_numpy = not isinstance(wave, torch.Tensor)
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)) if is_numpy else wave.to(torch.float32)
+    if orig_sr != new_sr and x.numel() > 0:
+        if cache_kernel:
+            with torch.no_grad():
+                x = _cached_resampler(orig_sr, new_sr)(x)
+        else:
+            x = AF.resample(x, orig_freq=orig_sr, new_freq=new_sr)
+    return np.ascontiguousarray(x.numpy()) if is_numpy else x.contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_resampler(orig_sr: int, new_sr: int) -> AT.Resample:
+    """A torchaudio resampler whose filter kernel is computed once per rate pair."""
+    return AT.Resample(orig_sr, new_sr)
+
+
 def to_mono_resampled(wave: np.ndarray | torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
     """Downmix ``[channels, samples]`` (or ``[samples]``) by channel mean and resample to ``target_sr``."""
     x = torch.as_tensor(wave, dtype=torch.float32)
@@ -51,9 +83,7 @@ def to_mono_resampled(wave: np.ndarray | torch.Tensor, sr: int, target_sr: int) 
         x = x.mean(dim=0)
     elif x.dim() != 1:
         raise ValueError(f"expected [channels, samples] or [samples], got shape {tuple(x.shape)}")
-    if sr != target_sr and x.numel() > 0:
-        x = AF.resample(x, orig_freq=sr, new_freq=target_sr)
-    return x.contiguous()
+    return resample(x, sr, target_sr)
 
 
 def rms_dbfs(x: np.ndarray | torch.Tensor) -> float:

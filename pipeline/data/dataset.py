@@ -34,7 +34,7 @@ class ArrayDataset:
 
 
 class IndexedFeatures:
-    """A subset of a run's feature shards (``pipeline.stages.features.FeatureStore``), by utterance index."""
+    """A subset of a run's feature shards (:class:`pipeline.data.features.FeatureStore`), by utterance index."""
 
     def __init__(self, features, idx: Sequence[int] | None = None):
         self._fs = features

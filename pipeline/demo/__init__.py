@@ -1,1 +1,2 @@
-"""The demo: the seeded corpus (FSDD + eSpeak NG), speech synthesis and the in-process weekly runner."""
+"""The demo: the seeded corpus (its schedule and recordings: FSDD + eSpeak NG), speech
+synthesis and the in-process weekly runner."""

@@ -1,7 +1,9 @@
-"""The weekly run, chained in-process: the stages that exist, in order.
+"""The weekly run chained in-process, and the demo that runs it week by week.
 
-The Airflow DAG calls the same stage functions one task each; this module is for the
-CLI (``asr-retune demo``) and for tests that run the chain without Airflow.
+:func:`run_weekly` calls the stage functions of :data:`pipeline.run.STAGES` in order, as
+the Airflow DAG does one task each; :func:`run_demo` writes each week's demo drop and runs
+it in-process, :func:`run_demo_airflow` runs the DAG itself (``airflow dags test``). For
+the CLI (``asr-retune demo``) and for tests that run the chain without Airflow.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from pipeline.storage import join, open_store
 
 
 def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
+    from pipeline.stages.deploy import deploy_registered
     from pipeline.stages.features import extract_features
-    from pipeline.stages.ingest.stage import ingest
+    from pipeline.stages.gate import gate
+    from pipeline.stages.ingest import ingest
     from pipeline.stages.proxy import sample_proxy
-    from pipeline.stages.deploy.stage import deploy_registered
-    from pipeline.stages.gate.stage import gate
     from pipeline.stages.register import register
-    from pipeline.stages.search.stage import load_best_config, search
+    from pipeline.stages.search import load_best_config, search
     from pipeline.stages.train import train_full
 
     return [
@@ -39,7 +41,7 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
 
 
 def run_weekly(ctx: RunContext, *, progress: bool = True, echo: bool = False) -> dict[str, Any]:
-    """Run every built stage for ``ctx``'s run; a finished stage is skipped (its summary kept)."""
+    """Run every stage for ``ctx``'s run; a finished stage is skipped (its summary kept)."""
     out: dict[str, Any] = {"run_id": ctx.run_id, "root": ctx.store.root, "stages": {}}
     for name, stage in _stages():
         t0 = time.perf_counter()
@@ -67,7 +69,8 @@ def run_demo(config: Config, *, root: str | None = None, progress: bool = True, 
     """The demo: for each of ``demo.weeks`` weeks, write that week's drop, then run the weekly
     pipeline on it (run id ``demo__week-NNN``). A week whose run finished is skipped, so a
     second ``make demo`` returns at once (``make clean`` starts over)."""
-    from pipeline.demo.corpus import build_demo_corpus, drop_id_for_week
+    from pipeline.demo.corpus import build_demo_corpus
+    from pipeline.demo.schedule import drop_id_for_week
 
     store = open_store(root, config.storage)
     golden = join("golden", config.demo.golden_version, "manifest.jsonl")
@@ -106,7 +109,8 @@ def run_demo_airflow(config: Config, *, root: str | None = None, progress: bool 
     import sys
 
     from pipeline.config import PROJECT_ROOT
-    from pipeline.demo.corpus import build_demo_corpus, drop_id_for_week
+    from pipeline.demo.corpus import build_demo_corpus
+    from pipeline.demo.schedule import drop_id_for_week
 
     store = open_store(root, config.storage)
     airflow = str(Path(sys.executable).with_name("airflow"))

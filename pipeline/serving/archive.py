@@ -8,18 +8,18 @@ again before every registration.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.serving.config import MODEL_NAME_RE, VERSION_RE
+from pipeline.config import MODEL_NAME_RE, VERSION_RE
+from pipeline.storage import sha256_file
 
 HANDLER_FILE = Path(__file__).with_name("handler.py")
 MODEL_FILE = "model.pt"
@@ -44,16 +44,9 @@ class ModelArchive:
     def file_name(self) -> str:
         return Path(self.path).name
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def archive_name(model_name: str, version: str) -> str:
+    return f"{model_name}-{version}.mar"
 
 
 def check_version(version: str) -> str:
@@ -63,10 +56,6 @@ def check_version(version: str) -> str:
             "(it becomes part of /predictions/<model>/<version>)"
         )
     return version
-
-
-def archive_name(model_name: str, version: str) -> str:
-    return f"{model_name}-{version}.mar"
 
 
 def build_archive(

@@ -86,9 +86,6 @@ class ServingBackend(ABC):
     def versions(self) -> list[VersionInfo]: ...
 
     @abstractmethod
-    def scale(self, version: str, workers: int) -> None: ...
-
-    @abstractmethod
     def upstream(self) -> Upstream:
         """Base URL and current authorization for inference requests (read fresh every call)."""
 

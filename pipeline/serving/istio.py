@@ -39,7 +39,7 @@ from typing import Any
 
 import requests
 
-from pipeline.serving.config import IstioConfig
+from pipeline.config import IstioConfig
 from pipeline.serving.router import ROUTED_VERSION_HEADER, Router, RouterError, check_weights
 
 GROUP_VERSION = "networking.istio.io/v1"
@@ -50,25 +50,18 @@ _COPIED_ROUTE_KEYS = ("timeout", "retries", "headers", "corsPolicy", "fault")
 
 
 class IstioRouter(Router):
+    """The split of one model's traffic, kept in the VirtualService ``serving.istio`` names."""
+
     def __init__(self, config: IstioConfig, *, model_name: str, session: requests.Session | None = None):
         self.config = config
         self.model_name = model_name
         self.session = session or requests.Session()
+        api = config.api_server.rstrip("/")
+        self.collection_url = f"{api}/apis/{GROUP_VERSION}/namespaces/{config.namespace}/virtualservices"
+        self.url = f"{self.collection_url}/{config.virtual_service}"
+        self._name = f"VirtualService {config.namespace}/{config.virtual_service}"
 
     # -- Kubernetes API ------------------------------------------------------------------
-    @property
-    def collection_url(self) -> str:
-        c = self.config
-        return f"{c.api_server.rstrip('/')}/apis/{GROUP_VERSION}/namespaces/{c.namespace}/virtualservices"
-
-    @property
-    def url(self) -> str:
-        return f"{self.collection_url}/{self.config.virtual_service}"
-
-    @property
-    def _name(self) -> str:
-        return f"VirtualService {self.config.namespace}/{self.config.virtual_service}"
-
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if content_type:

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,21 +34,16 @@ from typing import Any
 
 import requests
 
+from pipeline.config import ServingConfig
 from pipeline.serving.archive import ModelArchive, check_version, verify_archive
 from pipeline.serving.backend import ServingBackend, ServingError, Upstream, VersionCounters, VersionInfo
-from pipeline.serving.config import ServingConfig
+from pipeline.serving.ports import free_port
 
 KEY_FILE = "key_file.json"
 STATE_FILE = "server.json"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 108 bytes; the workers' sockets live in tmp/
 _METRIC_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -125,11 +119,6 @@ class TorchServe(ServingBackend):
     @property
     def metrics_url(self) -> str:
         return f"http://{self.config.host}:{self._require_state()['metrics_port']}"
-
-    @property
-    def pid(self) -> int | None:
-        state = self._load_state()
-        return int(state["pid"]) if state else None
 
     def keys(self, wait_s: float = 0.0) -> dict[str, str]:
         """``{"management", "inference", "api"}`` keys from TorchServe's key_file.json."""
@@ -393,23 +382,6 @@ class TorchServe(ServingBackend):
             return None
         data = r.json()
         return str(data[0]["modelVersion"]) if data else None
-
-    def scale(self, version: str, workers: int) -> None:
-        check_version(version)
-        self._manage(
-            "PUT", f"/models/{self.model_name}/{version}",
-            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-            timeout=self.config.register_timeout_s,
-        )  # fmt: skip
-
-    def refresh_inference_key(self) -> str:
-        """Rotate the inference key (TorchServe rewrites key_file.json); routers must re-read it."""
-        r = self.session.get(
-            f"{self.management_url}/token", params={"type": "inference"}, headers=self._auth("api"), timeout=10
-        )
-        if r.status_code != 200:
-            raise ServingError(f"token refresh -> HTTP {r.status_code}: {_message(r)}")
-        return self.keys()["inference"]
 
     # -- inference side ------------------------------------------------------------------
     def upstream(self) -> Upstream:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.run import RunContext
 
 STAGE = "train"
@@ -35,11 +35,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: load features, call the one training loop."""
     import ray.train
 
+    from pipeline.asr.training import train_model
     from pipeline.config import Config
     from pipeline.data.dataset import IndexedFeatures
-    from pipeline.stages.features import FeatureStore
+    from pipeline.data.features import FeatureStore
     from pipeline.storage import open_store
-    from pipeline.asr.training import train_model
 
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     config = Config.model_validate(loop_config["config"])
@@ -48,11 +48,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     train_set = IndexedFeatures(fs, loop_config["train_idx"])
     dev_set = IndexedFeatures(fs, loop_config["dev_idx"])
 
-    resume = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    resume = _load_state(checkpoint) if checkpoint is not None else None
 
     resumed_from = int(resume["epoch"]) if resume is not None else 0  # > 0: a restart after a lost worker or driver
 
@@ -78,19 +75,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     )
 
 
-def resolve_hparams(config: Config, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainConfig]:
-    """Model and train settings from config, with a search winner's keys laid on top."""
-    overrides = overrides or {}
-    model_keys = set(ModelConfig.model_fields)
-    train_keys = set(TrainConfig.model_fields)
-    unknown = set(overrides) - model_keys - train_keys - {"n_mels", "win_ms", "hop_ms"}
-    if unknown:
-        raise ValueError(f"unknown hyperparameters {sorted(unknown)}: not fields of model: or train:")
-    model = ModelConfig.model_validate({**config.model.model_dump(), **{k: v for k, v in overrides.items() if k in model_keys}})
-    train = TrainConfig.model_validate({**config.train.model_dump(), **{k: v for k, v in overrides.items() if k in train_keys}})
-    return model, train
-
-
 def train_full(
     ctx: RunContext,
     *,
@@ -103,37 +87,69 @@ def train_full(
 
 
 def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str | None, epochs: int | None) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.ray import ensure_ray, ray_storage
+    from pipeline.asr.training import resolve_hparams
     from pipeline.data.dataset import split_by_utterance
-    from pipeline.asr.export import export_model
-    from pipeline.stages.features import load_feature_index
-    from pipeline.asr.training import load_checkpoint_model
+    from pipeline.data.features import load_feature_index
+    from pipeline.ray import ensure_ray
 
-    from pipeline.stages.features import extract_features, name_features_stage
-
-    config = ctx.config
-    model_cfg, train_cfg = resolve_hparams(config, hparams)
+    model_cfg, train_cfg = resolve_hparams(ctx.config, hparams)
     if features_stage is None:
-        # the winner may have chosen another front end (n_mels/win_ms/hop_ms): train on its features
-        fe = config.features.model_copy(update={k: v for k, v in (hparams or {}).items() if k in ("n_mels", "win_ms", "hop_ms")})
-        features_stage = name_features_stage(ctx, fe)
-        if not ctx.is_complete(features_stage):
-            extract_features(ctx, progress=False, frontend=fe)
+        features_stage = _winner_features(ctx, hparams)
     if epochs is not None:
         train_cfg = train_cfg.model_copy(update={"epochs": epochs})
     index = load_feature_index(ctx.store, ctx.run_id, stage=features_stage)
     train_idx, dev_idx = split_by_utterance(index["utterances"], train_cfg.dev_fraction, train_cfg.seed)
-    ensure_ray(config)
+    ensure_ray(ctx.config)
+    trainer = _build_trainer(ctx, index, train_idx, dev_idx, model_cfg, train_cfg)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"full training failed: {result.error}")
+    best_state, best_metrics, history = _best_and_history(result)
+    _export(ctx, best_state, best_metrics, index, model_cfg, train_cfg)
+    metrics = {
+        "resumed_from": sorted({int(m["resumed_from"]) for _, m in result.best_checkpoints if m.get("resumed_from")}),
+        "best_epoch": best_metrics["epoch"],
+        "dev_wer": best_metrics["dev_wer"],
+        "dev_cer": best_metrics["dev_cer"],
+        "epochs": len(history),
+        "n_train": len(train_idx),
+        "n_dev": len(dev_idx),
+        "workers": train_cfg.num_workers,
+        "wall_s": round(wall, 2),
+        "train_s": round(sum(h["seconds"] for h in history), 2),
+        "pool_version": index.get("pool_version"),
+    }
+    ctx.store.put_text(ctx.stage_key(STAGE, "metrics.json"), json.dumps(metrics, indent=2))
+    ctx.store.put_text(ctx.stage_key(STAGE, "history.json"), json.dumps(history, indent=2))
+    ctx.store.put_text(ctx.stage_key(STAGE, "hparams.json"), json.dumps({"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}, indent=2))
+    return {**metrics, "model": ctx.store.uri(ctx.stage_key(STAGE, "model.pt"))}
+
+
+def _winner_features(ctx: RunContext, hparams: dict[str, Any] | None) -> str:
+    """The features stage of the front end ``hparams`` chose (n_mels/win_ms/hop_ms), built if missing."""
+    from pipeline.asr.extraction import extract_pool_features
+
+    fe = ctx.config.features.model_copy(update={k: v for k, v in (hparams or {}).items() if k in ("n_mels", "win_ms", "hop_ms")})
+    return extract_pool_features(ctx, fe, progress=False)["stage"]
+
+
+def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int], dev_idx: list[int],
+                   model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """Ray Train's ``TorchTrainer`` over :func:`_worker_loop`, restartable from the run's work area."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.ray import ray_storage
+
     storage_path, storage_fs = ray_storage(ctx, STAGE)
     # a hung worker: the controller's health check gives up on it, the live ranks' collectives time out
     os.environ[WORKER_HEALTH_CHECK_TIMEOUT_ENV] = str(train_cfg.hang_timeout_s)  # propagated to the controller by Ray Train
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "config": config.model_dump(mode="json"),
+            "config": ctx.config.model_dump(mode="json"),
             "root": ctx.store.root,
             "index": index,
             "train_idx": train_idx,
@@ -152,52 +168,41 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    if result.error is not None:
-        raise RuntimeError(f"full training failed: {result.error}")
+
+
+def _load_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _best_and_history(result) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The best epoch's checkpoint state and metrics (by dev WER, the later epoch on a tie), and the
+    whole history (from the latest checkpoint: the best one holds it only up to its epoch)."""
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: (cm[1]["dev_wer"], -cm[1]["epoch"]))
     if not ranked:
         raise RuntimeError("full training reported no checkpoint")
     best_ckpt, best_metrics = ranked[0]
-    with best_ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    model = load_checkpoint_model(state)
-    history = state["history"]
-    # the latest checkpoint holds the whole history (the best one only up to its epoch)
     latest = max(result.best_checkpoints, key=lambda cm: cm[1]["epoch"])
-    with latest[0].as_directory() as d:
-        history = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+    return _load_state(best_ckpt), best_metrics, _load_state(latest[0])["history"]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        from pipeline.asr.frontend import settings_hash
 
-        meta = {
-            "run_id": ctx.run_id,
-            "pool_version": index.get("pool_version"),
-            "model": model_cfg.model_dump(),
-            "train": train_cfg.model_dump(),
-            "best_epoch": best_metrics["epoch"],
-            "dev_wer": best_metrics["dev_wer"],
-            "frontend_hash": settings_hash(index["frontend"]),
-        }
-        path = export_model(model, index["frontend"], Path(tmp) / "model.pt", meta)
-        ctx.store.upload_file(ctx.stage_key(STAGE, "model.pt"), path)
-    metrics = {
-        "resumed_from": sorted({int(m["resumed_from"]) for _, m in result.best_checkpoints if m.get("resumed_from")}),
+def _export(ctx: RunContext, state: dict[str, Any], best_metrics: dict[str, Any], index: dict[str, Any],
+            model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Export the best epoch's model with its front end to ``runs/{run_id}/train/model.pt``."""
+    from pipeline.asr.export import export_model
+    from pipeline.asr.frontend import settings_hash
+    from pipeline.asr.training import load_checkpoint_model
+
+    model = load_checkpoint_model(state)
+    meta = {
+        "run_id": ctx.run_id,
+        "pool_version": index.get("pool_version"),
+        "model": model_cfg.model_dump(),
+        "train": train_cfg.model_dump(),
         "best_epoch": best_metrics["epoch"],
         "dev_wer": best_metrics["dev_wer"],
-        "dev_cer": best_metrics["dev_cer"],
-        "epochs": len(history),
-        "n_train": len(train_idx),
-        "n_dev": len(dev_idx),
-        "workers": train_cfg.num_workers,
-        "wall_s": round(wall, 2),
-        "train_s": round(sum(h["seconds"] for h in history), 2),
-        "pool_version": index.get("pool_version"),
+        "frontend_hash": settings_hash(index["frontend"]),
     }
-    ctx.store.put_text(ctx.stage_key(STAGE, "metrics.json"), json.dumps(metrics, indent=2))
-    ctx.store.put_text(ctx.stage_key(STAGE, "history.json"), json.dumps(history, indent=2))
-    ctx.store.put_text(ctx.stage_key(STAGE, "hparams.json"), json.dumps({"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}, indent=2))
-    return {**metrics, "model": ctx.store.uri(ctx.stage_key(STAGE, "model.pt"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_model(model, index["frontend"], Path(tmp) / "model.pt", meta)
+        ctx.store.upload_file(ctx.stage_key(STAGE, "model.pt"), path)

@@ -37,13 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project, whe
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from pipeline.stages.deploy.stage import deploy, load_replay_set, open_router  # noqa: E402
-from pipeline.config import Config, FeatureConfig, ModelConfig  # noqa: E402
+from pipeline.config import CanaryConfig, Config, FeatureConfig, ModelConfig, ServingConfig  # noqa: E402
 from pipeline.data.manifest import Utterance, write_manifest  # noqa: E402
 from pipeline.run import RunContext  # noqa: E402
-from pipeline.serving.config import CanaryConfig, ServingConfig  # noqa: E402
 from pipeline.serving.router import ROUTED_VERSION_HEADER  # noqa: E402
+from pipeline.serving.service import open_router  # noqa: E402
 from pipeline.serving.torchserve import TorchServe  # noqa: E402
+from pipeline.stages.deploy.replay import load_replay_set  # noqa: E402
+from pipeline.stages.deploy.stage import deploy  # noqa: E402
 from pipeline.storage import LocalStore, ObjectStore, open_store  # noqa: E402
 from wavfactory import make_audio, sha256  # noqa: E402
 

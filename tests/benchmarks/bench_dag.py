@@ -14,7 +14,6 @@ real week.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys

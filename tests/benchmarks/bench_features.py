@@ -34,7 +34,9 @@ import soundfile as sf
 import torch
 
 from pipeline.config import Config, FeatureConfig
-from pipeline.stages.features import CACHE_PREFIX, FrontEnd, extract_features
+from pipeline.asr.frontend import FrontEnd
+from pipeline.data.features import CACHE_PREFIX
+from pipeline.stages.features import extract_features
 from pipeline.data.pool import POOL_PREFIX, read_pool
 from pipeline.run import RunContext
 from pipeline.storage import LocalStore, ObjectStore, open_store

@@ -28,7 +28,8 @@ from torch import nn
 from pipeline.config import Config, DemoConfig, TrainConfig
 from pipeline.demo.corpus import build_demo_corpus
 from pipeline.data.dataset import IndexedFeatures
-from pipeline.stages.features import FeatureStore, extract_features
+from pipeline.data.features import FeatureStore
+from pipeline.stages.features import extract_features
 from pipeline.stages.ingest.stage import ingest
 from pipeline.run import RunContext
 from pipeline.storage import open_store

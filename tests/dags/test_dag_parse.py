@@ -93,7 +93,8 @@ def test_dagbag_parses_without_db_connection_or_network(tmp_path):
     assert result["dag_ids"] == [DAG_ID]
     assert result["attempts"] == [], f"network or DB access at parse time: {result['attempts']}"
     # only the light modules: no store, Ray, torch, MLflow or boto3 at parse time
-    light = {"pipeline", "pipeline.airflow", "pipeline.airflow.alerts", "pipeline.config", "pipeline.serving", "pipeline.serving.config"}
+    light = {"pipeline", "pipeline.airflow", "pipeline.airflow.alerts", "pipeline.config", "pipeline.config.base",
+             "pipeline.config.sections", "pipeline.config.serving", "pipeline.config.loader"}
     assert set(result["new_modules"]) <= light, result["new_modules"]
     assert not never.exists(), "parsing the DAG touched the store"
     (parse_s,) = result["file_parse_s"].values()
@@ -210,11 +211,6 @@ def test_bad_overrides_are_refused(dag, conf):
         _resolve(dag, conf)
 
 
-def test_inactive_params_are_marked(dag):
-    for name in ("canary_steps", "skip_deploy", "epochs", "proxy_fraction", "search_trials", "search_budget_minutes", "force_promote", "force_reason"):
-        assert "not active yet" not in dag.params.get_param(name).description, name
-
-
 # --------------------------------------------------------------------------- glue helpers
 
 
@@ -225,28 +221,6 @@ def _dag_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.mark.parametrize("airflow_id", [
-    "manual__2026-11-28T10:00:00+00:00",
-    "scheduled__2026-11-30T03:00:00+00:00",
-    "manual__2026-11-28T18:01:21.101798+00:00",
-    "asset_triggered__2026-12-01T00:00:00+00:00",
-])
-def test_airflow_run_ids_are_kept_as_they_are(airflow_id):
-    from pipeline.run import check_run_id
-
-    assert _dag_module().store_run_id(airflow_id) == check_run_id(airflow_id)
-
-
-@pytest.mark.parametrize("airflow_id", ["my run/with slash", "  weird id ", "__leading", "ünïcode-run", "x" * 250])
-def test_other_run_ids_are_made_safe_and_stay_distinct(airflow_id):
-    from pipeline.run import check_run_id
-
-    module = _dag_module()
-    safe = module.store_run_id(airflow_id)
-    assert check_run_id(safe) == safe
-    assert module.store_run_id(airflow_id + "!") != safe
 
 
 def test_large_lists_stay_out_of_xcom():

@@ -72,7 +72,7 @@ def test_list_shows_runs_newest_first_with_their_decision(client):
     assert page.count('<span class="badge fail">FAIL</span>') == 1
     assert "PASS (forced)" in page and "cold start (no production model)" in page
     assert "delta_wer, worst_group" in page
-    assert "4.10 %" in page and "5.20 %" in page and "(v3)" in page  # candidate and production WER
+    assert "4.10%" in page and "5.20%" in page and "(v3)" in page  # candidate and production WER (asr.metrics.format_pct)
     assert "no gate decision yet" in page
     assert '<span class="stage incomplete" title="started, not completed">train ✗</span>' in page
     assert "_work" not in page  # Ray's work area is not a stage

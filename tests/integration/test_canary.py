@@ -15,19 +15,19 @@ import json
 import pytest
 import requests
 
-from pipeline.stages.deploy.stage import PROMOTED, ROLLED_BACK, DeployError, deploy, read_serving_state, rollback_serving
 from pipeline.serving.archive import ArchiveError, ModelArchive, build_archive
 from pipeline.serving.router import ROUTED_VERSION_HEADER
-from serving_env import FAIL_ABOVE_S, MODEL_KEY, Traffic, deploy_version, make_ctx, running_env
+from pipeline.serving.state import PROMOTED, ROLLED_BACK, read_serving_state
+from pipeline.stages.deploy.errors import DeployError
+from pipeline.stages.deploy.rollback import rollback_serving
+from pipeline.stages.deploy.stage import deploy
+from serving_env import FAIL_ABOVE_S, MODEL_KEY, Traffic, deploy_version, env_fixture, make_ctx
 from wavfactory import make_audio
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with running_env(tmp_path_factory.mktemp("canary")) as e:
-        yield e
+env = env_fixture("canary")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import FeatureConfig
-from pipeline.stages.features import FeatureStore, FrontEnd, compute_log_mel, extract_features
+from pipeline.asr.frontend import FrontEnd, compute_log_mel
+from pipeline.data.features import FeatureStore
+from pipeline.stages.features import extract_features
 from pipeline.stages.proxy import sample_proxy
 from pipeline.run import RunContext
 from pool_factory import make_specs, write_pool

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages import register as registry
-from pipeline.config import Config, MlflowConfig
+from pipeline import tracking
 from pipeline.asr.export import load_exported
-from pipeline.stages.gate.stage import GateConfig, gate, read_decision
-from pipeline.stages.register import GateNotPassed, RegistryError
+from pipeline.config import Config, GateConfig
 from pipeline.run import RunContext
+from pipeline.stages.gate import gate, read_decision
+from pipeline.stages.register import GateNotPassed, register
+from pipeline.storage import sha256_file
+from pipeline.tracking import RegistryError
 from mlflow_server import MlflowServer, free_port
 from model_factory import export_tiny
-from registry_env import build_golden_store, isolate_registry, put_candidate
+from registry_env import build_golden_store, put_candidate, registry_config
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +60,9 @@ def env(tmp_path, mlflow_started, golden_root, models, mlflow_url, monkeypatch):
     """A fresh store holding the golden set, and a registered-model name of its own."""
     root = tmp_path / "store"
     shutil.copytree(golden_root, root)
-    isolate_registry(monkeypatch, tmp_path / "model-cache")
+    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
     name = f"asr-{uuid.uuid4().hex[:8]}"
-    config = Config(mlflow=MlflowConfig(tracking_uri=mlflow_url, artifact_root="", registered_model=name))
+    config = registry_config(mlflow_url, tmp_path / "model-cache", name=name)
     return {"config": config, "root": str(root), "name": name}
 
 
@@ -69,16 +71,28 @@ def run_ctx(env, run_id: str) -> RunContext:
 
 
 def versions(env) -> list[str]:
-    c = registry.client(env["config"].mlflow)
+    c = tracking.client(env["config"].mlflow)
     return sorted(v.version for v in c.search_model_versions(f"name = '{env['name']}'"))
 
 
 def test_gate_register_promote_rollback(env, models):
-    cfg = env["config"].mlflow
-    name = env["name"]
-    c = registry.client(cfg)
+    """Three weekly runs of one registered model (cold start, a better model, a damaged one forced), then a rollback."""
+    _week1_cold_start(env, models)
+    _week2_better_candidate(env, models)
+    r3 = _week3_damaged_candidate_forced(env, models)
+    _rollback_and_audit(env, r3)
+    # models:/ URIs resolve through the registry to the exported TorchScript file
+    cfg, name = env["config"].mlflow, env["name"]
+    assert load_exported(tracking.resolve_model_uri(f"models:/{name}@production", cfg)).meta["kind"] == "babble"
+    assert load_exported(tracking.resolve_model_uri(f"models:/{name}/2", cfg)).meta["kind"] == "mute"
+    listing = tracking.registry_history(r3)
+    assert listing["aliases"]["production"] == "1" and len(listing["moves"]) == 6
 
-    # --- run 1: cold start, absolute rules only
+
+def _week1_cold_start(env, models) -> None:
+    """Cold start (absolute rules only), the training run in MLflow, register (retried), promote."""
+    cfg, name = env["config"].mlflow, env["name"]
+    c = tracking.client(cfg)
     r1 = run_ctx(env, "week-01")
     put_candidate(r1, models["babble"])
     s = gate(r1, settings=GATE)
@@ -89,9 +103,30 @@ def test_gate_register_promote_rollback(env, models):
     html = r1.store.get_text(r1.stage_key("gate", "report.html"))
     assert "Cold start" in html and "GATE PASSED" in html
     assert "Cold start" in r1.store.get_text(r1.stage_key("gate", "report.md"))
+    _check_training_run(c, s["mlflow_run_id"], d)
 
-    # the training run in MLflow: lineage, params, metrics, the report as artifacts
-    run = c.get_run(s["mlflow_run_id"])
+    # register: one version, alias challenger; a retried stage does not add a second version
+    reg = register(r1)
+    assert reg["version"] == "1" and reg["created"] is True
+    assert tracking.aliases(cfg) == {"challenger": "1"}
+    r1.store.delete(r1.stage_key("register", "_SUCCESS"))  # as if the task died before marking completion
+    again = register(r1)
+    assert again["version"] == "1" and again["created"] is False and again["skipped"] is False
+    assert register(r1)["skipped"] is True
+    assert versions(env) == ["1"]
+    mv = c.get_model_version(name, "1")
+    assert mv.tags["asr_run_id"] == "week-01" and mv.tags["gate.cold_start"] == "true"
+    assert mv.tags["asr_sha256"] == sha256_file(models["babble"])
+    _check_pyfunc(cfg, f"models:/{name}/1")
+
+    p1 = tracking.promote(r1, "1", reason="first model: cold start, absolute rules passed")
+    assert p1["changed"] and p1["from_version"] is None and tracking.aliases(cfg)["production"] == "1"
+    assert tracking.promote(r1, "1", reason="retried task")["changed"] is False  # idempotent
+
+
+def _check_training_run(c, mlflow_run_id: str, decision: dict) -> None:
+    """The training run in MLflow: lineage, params, metrics, the report as artifacts."""
+    run = c.get_run(mlflow_run_id)
     tags = run.data.tags
     assert tags["asr_run_id"] == "week-01"
     assert tags["asr_pool_version"] == "pool-0007"
@@ -99,41 +134,28 @@ def test_gate_register_promote_rollback(env, models):
     assert len(tags["asr_config_hash"]) == 16 and tags["asr_code_version"]
     assert run.data.params["model.encoder"] == "transformer"  # from the model's own metadata
     assert "train.lr" in run.data.params
-    assert run.data.metrics["golden.candidate_wer"] == pytest.approx(d["candidate"]["wer"])
+    assert run.data.metrics["golden.candidate_wer"] == pytest.approx(decision["candidate"]["wer"])
     assert [m.step for m in c.get_metric_history(run.info.run_id, "epoch.dev_wer")] == [1, 2, 3, 4, 5]
     assert {a.path for a in c.list_artifacts(run.info.run_id, "gate")} >= {
         "gate/decision.json", "gate/report.html", "gate/report.md"}
 
-    # register: one version, alias challenger; a retried stage does not add a second version
-    reg = registry.register(r1)
-    assert reg["version"] == "1" and reg["created"] is True
-    assert registry.aliases(cfg) == {"challenger": "1"}
-    r1.store.delete(r1.stage_key("register", "_SUCCESS"))  # as if the task died before marking completion
-    again = registry.register(r1)
-    assert again["version"] == "1" and again["created"] is False and again["skipped"] is False
-    assert registry.register(r1)["skipped"] is True
-    assert versions(env) == ["1"]
-    mv = c.get_model_version(name, "1")
-    assert mv.tags["asr_run_id"] == "week-01" and mv.tags["gate.cold_start"] == "true"
-    assert mv.tags["asr_sha256"] == registry.sha256_file(models["babble"])
 
-    # the registered version is an MLflow model with a signature, callable through pyfunc
+def _check_pyfunc(cfg, model_uri: str) -> None:
+    """The registered version is an MLflow model with a signature, callable through pyfunc."""
     import mlflow
     import numpy as np
     import pandas as pd
 
-    with registry._mlflow(cfg):
-        info = mlflow.models.get_model_info(f"models:/{name}/1")
+    with tracking.mlflow_context(cfg):
+        info = mlflow.models.get_model_info(model_uri)
         assert [i["name"] for i in info.signature.inputs.to_dict()] == ["wave"]
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
     out = pyfunc.predict(pd.DataFrame({"wave": [np.zeros(8000).tolist(), np.zeros(4000).tolist()]}))
     assert list(out.columns) == ["text"] and len(out) == 2 and set(out["text"][0]) <= {"e", " "}
 
-    p1 = registry.promote(r1, "1", reason="first model: cold start, absolute rules passed")
-    assert p1["changed"] and p1["from_version"] is None and registry.aliases(cfg)["production"] == "1"
-    assert registry.promote(r1, "1", reason="retried task")["changed"] is False  # idempotent
 
-    # --- run 2: a better candidate passes against production v1
+def _week2_better_candidate(env, models) -> None:
+    """A better candidate passes against production v1, is registered and promoted."""
     r2 = run_ctx(env, "week-02")
     put_candidate(r2, models["mute"])
     s2 = gate(r2, settings=GATE)
@@ -143,10 +165,13 @@ def test_gate_register_promote_rollback(env, models):
     delta = next(r for r in d2["rules"] if r["name"] == "delta_wer")
     assert delta["ci_high"] < 0 and d2["candidate"]["wer"] == pytest.approx(1.0)
     assert {g["key"] for g in d2["groups"]} >= {"cohort:seen", "cohort:unseen", "speaker:george"}
-    assert registry.register(r2)["version"] == "2"
-    registry.promote(r2, 2, reason="canary healthy at 100%", actor="canary-controller")
+    assert register(r2)["version"] == "2"
+    tracking.promote(r2, 2, reason="canary healthy at 100%", actor="canary-controller")
 
-    # --- run 3: a damaged candidate fails against production v2, and is not registered
+
+def _week3_damaged_candidate_forced(env, models) -> RunContext:
+    """A damaged candidate fails against production v2 and is not registered, until forced with a reason."""
+    cfg, name = env["config"].mlflow, env["name"]
     r3 = run_ctx(env, "week-03")
     put_candidate(r3, models["babble"])
     s3 = gate(r3, settings=GATE)
@@ -154,9 +179,9 @@ def test_gate_register_promote_rollback(env, models):
     html = r3.store.get_text(r3.stage_key("gate", "report.html"))
     assert "GATE FAILED" in html and "delta_wer" in html
     with pytest.raises(GateNotPassed, match="nothing registered"):
-        registry.register(r3)
+        register(r3)
     assert versions(env) == ["1", "2"]
-    assert registry.aliases(cfg) == {"challenger": "2", "production": "2"}
+    assert tracking.aliases(cfg) == {"challenger": "2", "production": "2"}
 
     # a manual force needs a reason; it is recorded in the decision, the report and the registry
     with pytest.raises(ValueError, match="non-empty reason"):
@@ -166,34 +191,39 @@ def test_gate_register_promote_rollback(env, models):
     d3 = read_decision(r3)
     assert d3["force_reason"] == "ship the accent fix now, incident INC-42" and d3["forced_by"] == "alice"
     assert "INC-42" in r3.store.get_text(r3.stage_key("gate", "report.html"))
-    reg3 = registry.register(r3)
+    reg3 = register(r3)
     assert reg3["forced"] is True
-    mv3 = c.get_model_version(name, reg3["version"])
+    mv3 = tracking.client(cfg).get_model_version(name, reg3["version"])
     assert mv3.tags["gate.forced"] == "true" and "INC-42" in mv3.tags["gate.force_reason"]
-    assert registry.aliases(cfg)["production"] == "2"  # registering never moves production
+    assert tracking.aliases(cfg)["production"] == "2"  # registering never moves production
+    return r3
 
-    # --- rollback: back to the version that was production before v2
+
+def _rollback_and_audit(env, r3: RunContext) -> None:
+    """Rollback goes back to the version before v2; every move is in the history and in MLflow."""
+    cfg, name = env["config"].mlflow, env["name"]
     with pytest.raises(ValueError, match="non-empty reason"):
-        registry.rollback(r3, reason="")
-    rb = registry.rollback(r3, reason="WER alarms after the week-02 rollout")
+        tracking.rollback(r3, reason="")
+    rb = tracking.rollback(r3, reason="WER alarms after the week-02 rollout")
     assert (rb["from_version"], rb["to_version"]) == ("2", "1")
-    assert registry.aliases(cfg)["production"] == "1"
+    assert tracking.aliases(cfg)["production"] == "1"
     with pytest.raises(RegistryError, match="first production version"):
-        registry.rollback(r3, reason="again")
+        tracking.rollback(r3, reason="again")
 
-    moves = [m for m in registry.history(r3.store) if m["alias"] == "production"]
+    moves = [m for m in tracking.history(r3.store) if m["alias"] == "production"]
     assert [(m["action"], m["from_version"], m["to_version"]) for m in moves] == [
         ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
     assert moves[1]["reason"] == "canary healthy at 100%" and moves[1]["actor"] == "canary-controller"
     assert moves[2]["reason"] == "WER alarms after the week-02 rollout" and moves[2]["actor"] == "pytest"
     assert all(m["at"] and m["model"] == name for m in moves)
-    challenger = [m["to_version"] for m in registry.history(r3.store) if m["alias"] == "challenger"]
+    challenger = [m["to_version"] for m in tracking.history(r3.store) if m["alias"] == "challenger"]
     assert challenger == ["1", "2", "3"]
 
     # the same moves are in MLflow
+    c = tracking.client(cfg)
     model = c.get_registered_model(name)
     audit = [json.loads(v) for k, v in sorted(model.tags.items()) if k.startswith("audit.")]
-    assert len(audit) == len(registry.history(r3.store))
+    assert len(audit) == len(tracking.history(r3.store))
     assert audit[-1]["action"] == "rollback" and audit[-1]["reason"] == "WER alarms after the week-02 rollout"
     v1 = json.loads(c.get_model_version(name, "1").tags["production.last_set"])
     assert v1["reason"] == "WER alarms after the week-02 rollout" and v1["from_version"] == "2"
@@ -201,27 +231,20 @@ def test_gate_register_promote_rollback(env, models):
     v2 = json.loads(c.get_model_version(name, "2").tags["production.last_unset"])
     assert v2["reason"] == "WER alarms after the week-02 rollout" and v2["to_version"] == "1"
 
-    # models:/ URIs resolve through the registry to the exported TorchScript file
-    prod_path = registry.resolve_model_uri(f"models:/{name}@production", cfg)
-    assert load_exported(prod_path).meta["kind"] == "babble"
-    assert load_exported(registry.resolve_model_uri(f"models:/{name}/2", cfg)).meta["kind"] == "mute"
-    listing = registry.registry_history(r3)
-    assert listing["aliases"]["production"] == "1" and len(listing["moves"]) == 6
-
 
 def test_register_needs_a_gate_decision(env):
     ctx = run_ctx(env, "no-gate")
     with pytest.raises(RegistryError, match="no gate decision"):
-        registry.register(ctx)
+        register(ctx)
 
 
 def test_promote_checks_reason_and_version(env, models):
     ctx = run_ctx(env, "promote-checks")
     with pytest.raises(ValueError, match="non-empty reason"):
-        registry.promote(ctx, "1", reason="  ")
+        tracking.promote(ctx, "1", reason="  ")
     with pytest.raises(Exception):  # noqa: B017 - the registered model does not exist yet
-        registry.promote(ctx, "1", reason="x")
-    assert registry.history(ctx.store) == []
+        tracking.promote(ctx, "1", reason="x")
+    assert tracking.history(ctx.store) == []
 
 
 def write_passed_decision(ctx: RunContext, model: Path) -> None:
@@ -230,7 +253,7 @@ def write_passed_decision(ctx: RunContext, model: Path) -> None:
     key = ctx.stage_key("train", "model.pt")
     ctx.store.put_text(ctx.stage_key("gate", "decision.json"), json.dumps({
         "passed": True, "forced": False, "cold_start": True, "mode": "improve", "failing_rules": [], "rules": [],
-        "candidate": {"key": key, "sha256": registry.sha256_file(model), "wer": 0.1},
+        "candidate": {"key": key, "sha256": sha256_file(model), "wer": 0.1},
         "golden": {"version": "v1"}, "production": None,
     }))
 
@@ -238,11 +261,11 @@ def write_passed_decision(ctx: RunContext, model: Path) -> None:
 def test_alias_moved_outside_asr_retune_blocks_rollback(env, models):
     ctx = run_ctx(env, "outside")
     write_passed_decision(ctx, models["babble"])
-    registry.register(ctx)
-    registry.promote(ctx, "1", reason="first")
-    registry.client(env["config"].mlflow).delete_registered_model_alias(env["name"], "production")
+    register(ctx)
+    tracking.promote(ctx, "1", reason="first")
+    tracking.client(env["config"].mlflow).delete_registered_model_alias(env["name"], "production")
     with pytest.raises(RegistryError, match="no production version"):
-        registry.rollback(ctx, reason="x")
+        tracking.rollback(ctx, reason="x")
 
 
 def test_gate_needs_a_candidate(env):
@@ -255,9 +278,8 @@ def test_unreachable_tracking_server_is_not_a_cold_start(env, models, monkeypatc
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
 
-    config = env["config"].model_copy(
-        update={"mlflow": MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", artifact_root="",
-                                       registered_model=env["name"])})
+    offline = env["config"].mlflow.model_copy(update={"tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    config = env["config"].model_copy(update={"mlflow": offline})
     ctx = RunContext.create(config, run_id="offline", root=env["root"])
     put_candidate(ctx, models["mute"])
     with pytest.raises(Exception) as err:  # noqa: B017
@@ -273,12 +295,12 @@ def test_embedded_default_sqlite_store(tmp_path, models, monkeypatch):
     config = Config()  # mlflow.tracking_uri sqlite:///.asr-retune/mlflow.db, artifact_root .asr-retune/mlartifacts
     ctx = RunContext.create(config, run_id="embedded", root=str(tmp_path / "store"))
     write_passed_decision(ctx, models["mute"])
-    assert registry.register(ctx)["version"] == "1"
-    registry.promote(ctx, "1", reason="first")
-    assert registry.aliases(config.mlflow) == {"challenger": "1", "production": "1"}
+    assert register(ctx)["version"] == "1"
+    tracking.promote(ctx, "1", reason="first")
+    assert tracking.aliases(config.mlflow) == {"challenger": "1", "production": "1"}
     with pytest.raises(RegistryError, match="first production version"):
-        registry.rollback(ctx, reason="nothing before it")
-    path = registry.resolve_model_uri("models:/asr@production", config.mlflow)
+        tracking.rollback(ctx, reason="nothing before it")
+    path = tracking.resolve_model_uri("models:/asr@production", config.mlflow)
     assert path.is_relative_to(tmp_path / ".asr-retune") and load_exported(path).meta["kind"] == "mute"
     assert (tmp_path / ".asr-retune" / "mlflow.db").exists()
     assert any((tmp_path / ".asr-retune" / "mlartifacts").rglob("model.pt"))
@@ -287,4 +309,4 @@ def test_embedded_default_sqlite_store(tmp_path, models, monkeypatch):
 def test_resolve_model_uri_rejects_other_uris():
     for bad in ("runs:/abc/model", "models:/asr", "models:/asr@", "/tmp/model.pt"):
         with pytest.raises(ValueError, match="not a registry URI"):
-            registry.resolve_model_uri(bad, MlflowConfig())
+            tracking.resolve_model_uri(bad, Config().mlflow)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.asr.metrics import UttScore
-from pipeline.stages.gate.stage import GateConfig, decide
+from pipeline.config import GateConfig
+from pipeline.stages.gate.rules import decide
 from pipeline.stages.gate.report import ReportInputs, changed_utterances, render_html, render_markdown, word_diff_html
 
 pytestmark = pytest.mark.integration

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
 from mlflow_server import MlflowServer
 from model_factory import export_tiny
-from pipeline.stages import register as registry
-from pipeline.config import Config, MlflowConfig
+from pipeline import tracking
 from pipeline.asr.evaluation import evaluate_model
 from pipeline.asr.export import load_exported
-from pipeline.stages.gate.stage import GateConfig, decide, gate, read_decision
-from pipeline.stages.register import GateNotPassed
+from pipeline.config import GateConfig
 from pipeline.run import RunContext
-from registry_env import build_golden_store, isolate_registry, put_candidate
+from pipeline.stages.gate import gate, read_decision
+from pipeline.stages.gate.rules import decide
+from pipeline.stages.gate.stage import read_cohorts
+from pipeline.stages.register import GateNotPassed, register
+from registry_env import build_golden_store, put_candidate, registry_config
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +49,9 @@ def world(tmp_path_factory):
 def env(world, tmp_path, monkeypatch):
     root = tmp_path / "store"
     shutil.copytree(world["golden"], root)
-    isolate_registry(monkeypatch, tmp_path / "cache", experiment="asr-retune-gate-safety")
+    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
     name = f"asr-{uuid.uuid4().hex[:8]}"
-    config = Config(mlflow=MlflowConfig(tracking_uri=world["url"], artifact_root="", registered_model=name))
+    config = registry_config(world["url"], tmp_path / "cache", name=name, experiment="asr-retune-gate-safety")
     return {"config": config, "root": str(root), "models": world["models"]}
 
 
@@ -60,9 +61,9 @@ def _ctx(env, run_id: str) -> RunContext:
 
 def _registry_state(env) -> dict:
     cfg = env["config"].mlflow
-    c = registry.client(cfg)
+    c = tracking.client(cfg)
     versions = sorted(v.version for v in c.search_model_versions(f"name = '{cfg.registered_model}'"))
-    return {"aliases": registry.aliases(cfg), "versions": versions}
+    return {"aliases": tracking.aliases(cfg), "versions": versions}
 
 
 def _with_production(env) -> None:
@@ -70,9 +71,9 @@ def _with_production(env) -> None:
     ctx = _ctx(env, "week-01")
     put_candidate(ctx, env["models"]["mute"])
     assert gate(ctx, settings=GATE)["passed"] is True
-    registry.register(ctx)
-    registry.promote(ctx, "1", reason="cold start")
-    assert registry.aliases(env["config"].mlflow) == {"challenger": "1", "production": "1"}
+    register(ctx)
+    tracking.promote(ctx, "1", reason="cold start")
+    assert tracking.aliases(env["config"].mlflow) == {"challenger": "1", "production": "1"}
 
 
 def _worse_candidate_after_production(env, run_id: str) -> RunContext:
@@ -84,12 +85,12 @@ def _worse_candidate_after_production(env, run_id: str) -> RunContext:
 
 
 def _refused(env, ctx: RunContext) -> dict:
-    """The gate's decision; and register refuses it, changing nothing in the registry."""
+    """The gate's decision; and register refuses it, changing nothing in the tracking."""
     before = _registry_state(env)
-    history = registry.history(ctx.store)
+    history = tracking.history(ctx.store)
     with pytest.raises(GateNotPassed, match="nothing registered"):
-        registry.register(ctx)
-    assert _registry_state(env) == before and registry.history(ctx.store) == history
+        register(ctx)
+    assert _registry_state(env) == before and tracking.history(ctx.store) == history
     assert not ctx.is_complete("register")
     return read_decision(ctx)
 
@@ -131,8 +132,6 @@ def test_candidate_lacking_a_group_fails(env, observe):
     store = _ctx(env, "lacks").store
     manifest = "golden/v1/manifest.jsonl"
     prod = evaluate_model(load_exported(env["models"]["mute"]), store, manifest).utts
-    from pipeline.stages.gate.stage import read_cohorts
-
     cohorts = read_cohorts(store.get_text(manifest))
     unseen = {u.speaker for u in prod if cohorts.get(u.utt_id) == "unseen"}
     assert unseen, "the golden set has no unseen speaker"
@@ -156,12 +155,12 @@ def test_force_is_explicit_and_recorded(env, observe):
     assert forced["passed"] is True and decision["forced"] is True and decision["rules_passed"] is False
     assert decision["force_reason"] == reason and decision["forced_by"] == "oncall@example.com"
     assert "GATE FORCED" in ctx.store.get_text(ctx.stage_key("gate", "report.html"))
-    reg = registry.register(ctx)
+    reg = register(ctx)
     assert reg["forced"] is True
-    mv = registry.client(env["config"].mlflow).get_model_version(env["config"].mlflow.registered_model, reg["version"])
+    mv = tracking.client(env["config"].mlflow).get_model_version(env["config"].mlflow.registered_model, reg["version"])
     assert mv.tags["gate.forced"] == "true" and mv.tags["gate.force_reason"] == reason
     assert mv.tags["gate.forced_by"] == "oncall@example.com"
     # registered as challenger only: production moves by a separate, audited promotion
-    assert registry.aliases(env["config"].mlflow)["production"] == "1"
+    assert tracking.aliases(env["config"].mlflow)["production"] == "1"
     observe(f"forced by {decision['forced_by']} (failing {decision['failing_rules']}): version {reg['version']} "
             "tagged gate.forced=true with the reason; report headline GATE FORCED; production alias still 1")

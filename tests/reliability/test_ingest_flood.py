@@ -5,7 +5,7 @@ through the real ingest stage against moto's S3 server: valid records in many fo
 (mono/stereo, 8 to 48 kHz, WAV/FLAC, drop-URI and ``./`` paths, declared checksums in
 upper case, CRLF line ends, blank lines) mixed with every defect the ingestion rules know.
 The defects come from :data:`DEFECTS`, one list of variants per reason code of
-:class:`pipeline.stages.ingest.stage.Reason`: a reason code without variants fails the test, so a new
+:class:`pipeline.stages.ingest.rules.Reason`: a reason code without variants fails the test, so a new
 rule cannot go untested here. Next to the big drop, an incoming folder with an unusable
 name and a drop still uploading (no manifest) check the drop-level rules.
 
@@ -31,7 +31,8 @@ import soundfile as sf
 
 from dropfactory import bucket_env, check_invariant, nan_audio, s3_credentials, snapshot
 from pipeline.config import IngestConfig
-from pipeline.stages.ingest.stage import Reason, ingest
+from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest.rules import Reason
 from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.run import RunContext
 from wavfactory import make_audio, manifest_line, record, sha256

@@ -21,10 +21,11 @@ import pytest
 from faultproxy import FaultProxy
 from mlflow_server import MlflowServer
 from model_factory import export_tiny
-from registry_env import isolate_registry, put_candidate
-from pipeline.stages import register as registry
-from pipeline.config import Config, MlflowConfig
+from registry_env import put_candidate, registry_config
+from pipeline import tracking
 from pipeline.run import RunContext
+from pipeline.stages.register import register
+from pipeline.storage import sha256_file
 
 pytestmark = pytest.mark.integration
 
@@ -55,21 +56,21 @@ def proxy(server):
 
 
 @pytest.fixture
-def fast_failing_client(monkeypatch, tmp_path):
+def fast_failing_client(monkeypatch):
     """The stage gives up at once instead of riding the outage out with MLflow's own retries (7, backoff 2 s)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    isolate_registry(monkeypatch, tmp_path / "cache", experiment=EXPERIMENT)
+    monkeypatch.setenv("ASR_RETUNE_ACTOR", "pytest")
 
 
 def _run(tmp_path: Path, url: str, name: str, model: Path) -> RunContext:
     """A pipeline run (its own id, its own registered model) whose gate passed."""
-    config = Config(mlflow=MlflowConfig(tracking_uri=url, artifact_root="", registered_model=name))
+    config = registry_config(url, tmp_path / "cache", name=name, experiment=EXPERIMENT)
     ctx = RunContext.create(config, run_id=f"week-{name}", root=str(tmp_path / "store"))
     put_candidate(ctx, model)
     ctx.store.put_text(ctx.stage_key("gate", "decision.json"), json.dumps({
         "passed": True, "forced": False, "cold_start": True, "mode": "improve", "failing_rules": [], "rules": [],
-        "candidate": {"key": ctx.stage_key("train", "model.pt"), "sha256": registry.sha256_file(model), "wer": 0.1},
+        "candidate": {"key": ctx.stage_key("train", "model.pt"), "sha256": sha256_file(model), "wer": 0.1},
         "golden": {"version": "v1"}, "production": None,
     }))  # fmt: skip
     return ctx
@@ -91,7 +92,7 @@ def _state(server_url: str, name: str) -> dict:
     for v in versions:
         model_id = v.model_id or (v.source[len("models:/"):] if v.source.startswith("models:/m-") else None)
         source = c.get_logged_model(model_id) if model_id else None
-        complete.append(v.status == "READY" and v.tags.get(registry.TAG_SHA256) is not None
+        complete.append(v.status == "READY" and v.tags.get(tracking.TAG_SHA256) is not None
                         and source is not None and str(source.status.value) == "READY")  # fmt: skip
     return {"aliases": aliases, "versions": sorted(v.version for v in versions), "complete": complete}
 
@@ -120,7 +121,7 @@ def test_outage_during_registration(outage, server, proxy, model, tmp_path, fast
         proxy.down_after = lambda m, p: m == method and part in p
 
     with pytest.raises(Exception) as err:  # noqa: B017  (MLflow raises its own exception types)
-        registry.register(ctx)
+        register(ctx)
     assert not isinstance(err.value, AssertionError)
     assert proxy.down, "the outage never happened"
     failed = _state(server.url, name)
@@ -128,17 +129,17 @@ def test_outage_during_registration(outage, server, proxy, model, tmp_path, fast
     assert failed["aliases"] == {}  # no alias moved
     assert all(failed["complete"]), failed  # nothing half-registered
     assert failed["versions"] == (["1"] if outage == "after-version-created" else [])
-    assert registry.history(ctx.store) == []
+    assert tracking.history(ctx.store) == []
     dropped = sum(1 for *_, status in proxy.seen if status == 0)
     pending = _pending_logged_models(server.url, ctx)
 
     proxy.down, proxy.down_after = False, None  # the server is back; Airflow retries the task
-    result = registry.register(ctx)
+    result = register(ctx)
     after = _state(server.url, name)
     assert after["versions"] == ["1"] and all(after["complete"]), after
     assert after["aliases"] == {"challenger": "1"}
     assert result["version"] == "1" and result["created"] is (outage != "after-version-created")
-    assert [e["to_version"] for e in registry.history(ctx.store)] == ["1"]
+    assert [e["to_version"] for e in tracking.history(ctx.store)] == ["1"]
     if outage == "mid-upload":
         assert pending, "the outage did not interrupt the model upload"
     observe(f"outage {outage}: stage failed ({type(err.value).__name__}), {dropped} request(s) unanswered, "
@@ -155,13 +156,13 @@ def test_server_killed_and_restarted(server, model, tmp_path, fast_failing_clien
     server.stop(signal.SIGKILL)
     try:
         with pytest.raises(Exception) as err:  # noqa: B017
-            registry.register(ctx)
+            register(ctx)
         assert not isinstance(err.value, AssertionError)
-        assert not ctx.is_complete("register") and registry.history(ctx.store) == []
+        assert not ctx.is_complete("register") and tracking.history(ctx.store) == []
     finally:
         server.start()
         server.wait_ready()
-    result = registry.register(ctx)
+    result = register(ctx)
     state = _state(server.url, name)
     assert state["versions"] == ["1"] and all(state["complete"]) and state["aliases"] == {"challenger": "1"}
     assert result["created"] is True

@@ -24,8 +24,8 @@ import pytest
 import requests
 import soundfile as sf
 
-from pipeline.stages.deploy.stage import PROMOTED, ROLLED_BACK, read_serving_state
-from serving_env import MAX_AUDIO_BYTES, Traffic, deploy_version, running_env
+from pipeline.serving.state import PROMOTED, ROLLED_BACK, read_serving_state
+from serving_env import MAX_AUDIO_BYTES, Traffic, deploy_version, env_fixture
 from wavfactory import make_audio
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -33,10 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 PRODUCTION = "1"
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with running_env(tmp_path_factory.mktemp("serving-faults")) as e:
-        yield e
+env = env_fixture("serving-faults")
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,14 @@ import subprocess
 
 import pytest
 
-from pipeline.stages.deploy.stage import (PROMOTED, ROLLED_BACK, Reply, ReplayUtterance, evaluate_interval, paired_wer, run_steps,
-                             version_stats, worker_health)
+from pipeline.config import CanaryConfig
 from pipeline.serving.backend import VersionInfo
-from pipeline.serving.config import CanaryConfig
-from pipeline.serving.router import RoutedRequest, RouterError, check_weights, find_nginx, render_nginx_conf
+from pipeline.serving.nginx import find_nginx, render_nginx_conf
+from pipeline.serving.router import RoutedRequest, RouterError, check_weights
+from pipeline.serving.state import PROMOTED, ROLLED_BACK
+from pipeline.stages.deploy.analysis import evaluate_interval, paired_wer, version_stats, worker_health
+from pipeline.stages.deploy.replay import Reply, ReplayUtterance
+from pipeline.stages.deploy.stage import run_steps
 
 
 def stats(requests=50, errors=0, p95=20.0, empty_rate=0.0, latency_p95=40.0):

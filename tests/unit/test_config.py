@@ -48,6 +48,10 @@ def test_env_names_the_config_file(tmp_path, monkeypatch):
         ("ingest:\n  min_duration_s: 5\n  max_duration_s: 1\n", "ingest", "min_duration_s"),
         ("demo:\n  wekes: 2\n", "demo.wekes", "2"),
         ("features:\n  n_mels: lots\n", "features.n_mels", "lots"),
+        ("search:\n  grace_period: 9\n  max_epochs: 8\n", "search", "grace_period (9) > max_epochs (8)"),
+        ("serving:\n  host: 0.0.0.0\n", "serving.host", "loopback only"),
+        ("serving:\n  nginx:\n    host: 10.0.0.1\n", "serving.nginx.host", "router binds to loopback"),
+        ("canary:\n  steps: [50, 5]\n", "canary.steps", "must increase"),
     ],
 )
 def test_bad_file_names_field_and_value(tmp_path, text, field, value):
@@ -78,3 +82,9 @@ def test_not_a_mapping(tmp_path):
 
 def test_fsdd_path_relative_to_project():
     assert Config().demo.fsdd_path() == (PROJECT_ROOT / "../shared/data/fsdd").resolve()
+
+
+def test_serving_sections_are_part_of_the_config():
+    cfg = load_config(DEFAULT_CONFIG, environ={"ASR_RETUNE__CANARY__STEPS": "[10, 100]", "ASR_RETUNE__SERVING__ROUTER": "istio"})
+    assert cfg.canary.steps == [10.0, 100.0] and cfg.serving.router == "istio"
+    assert cfg.serving.istio.namespace == "asr-retune" and cfg.serving.nginx.host == "127.0.0.1"

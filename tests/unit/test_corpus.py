@@ -1,4 +1,5 @@
-"""The demo corpus builder (pipeline.demo.corpus) and eSpeak NG synthesis (pipeline.demo.tts).
+"""The demo corpus builder (pipeline.demo.corpus, with its schedule and recordings) and eSpeak NG
+synthesis (pipeline.demo.tts).
 
 Small corpora (2 weeks x 40 utterances + 30 golden) are built once per module into
 LocalStores under tmp_path and shared by the read-only tests.
@@ -17,19 +18,9 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import DemoConfig
-from pipeline.demo.corpus import (
-    DEFECT_KINDS,
-    DROP_SPEAKERS,
-    DROP_TAKES,
-    DROP_VOICES,
-    GOLDEN_TAKES,
-    HELD_OUT_SPEAKERS,
-    HELD_OUT_VOICES,
-    CorpusError,
-    FsddNotFoundError,
-    build_demo_corpus,
-    plan_week,
-)
+from pipeline.demo.corpus import DEFECT_KINDS, build_demo_corpus
+from pipeline.demo.recordings import DROP_TAKES, GOLDEN_TAKES, CorpusError, FsddNotFoundError
+from pipeline.demo.schedule import DROP_SPEAKERS, DROP_VOICES, HELD_OUT_SPEAKERS, HELD_OUT_VOICES, plan_week
 from pipeline.storage import LocalStore, ObjectStore
 from pipeline.data.text import DIGIT_WORDS, normalize_text
 from pipeline.demo.tts import SpeechRequest, TtsError, synthesize, synthesize_isolated

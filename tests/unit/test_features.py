@@ -11,16 +11,12 @@ import soundfile as sf
 import torch
 import torchaudio
 
-import pipeline.stages.features as features
+import pipeline.asr.extraction as extraction
+from pipeline.asr.extraction import name_features_stage
+from pipeline.asr.frontend import FrontEnd, compute_log_mel, frontend_settings
 from pipeline.config import Config, FeatureConfig
-from pipeline.asr.frontend import frontend_settings
-from pipeline.stages.features import (
-    FeatureStore,
-    FrontEnd,
-    extract_features,
-    load_feature_index,
-    name_features_stage,
-)
+from pipeline.data.features import FeatureStore, load_feature_index
+from pipeline.stages.features import extract_features
 from pipeline.run import RunContext
 from pipeline.storage import LocalStore
 from pool_factory import UttSpec, make_specs, write_pool
@@ -45,7 +41,7 @@ def store(tmp_path) -> LocalStore:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Several batched STFTs per shard and shards cut across them, even in a tiny pool."""
-    monkeypatch.setattr(features, "_CHUNK_UTTERANCES", 5)
+    monkeypatch.setattr(extraction, "_CHUNK_UTTERANCES", 5)
 
 
 def test_frames_and_values_match_torchaudio_melspectrogram(store):
@@ -148,7 +144,7 @@ def test_shards_memory_map_and_slices_are_the_utterances(store):
     for i, row in enumerate(rows):
         feats = fs.read_features(i)
         assert isinstance(feats, np.memmap)
-        np.testing.assert_array_equal(feats, features.compute_log_mel(read_wave(store, row), fe))
+        np.testing.assert_array_equal(feats, compute_log_mel(read_wave(store, row), fe))
     clone = pickle.loads(pickle.dumps(fs))  # DataLoader workers get a copy without open maps
     np.testing.assert_array_equal(clone[3][0], fs[3][0])
 

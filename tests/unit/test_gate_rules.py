@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.asr.metrics import UttScore
-from pipeline.stages.gate.stage import GateConfig, check_force_reason, decide, read_cohorts
+from pipeline.config import GateConfig
+from pipeline.stages.gate import check_force, failing_rules
+from pipeline.stages.gate.rules import check_force_reason, decide
+from pipeline.stages.gate.stage import read_cohorts
 
 GROUPS = ("USA/neutral", "DEU/German", "BEL/French", "GRC/Greek")
 WORDS = 5
@@ -191,6 +194,22 @@ def test_force_needs_a_reason_and_is_recorded():
     assert d["passed"] is True and d["forced"] is True and d["rules_passed"] is False
     assert d["force_reason"] == "hotfix for outage 42" and d["forced_by"] == "alice"
     assert "delta_wer" in d["failing_rules"]  # the rules still say what they found
+
+
+def test_check_force_needs_a_reason_only_when_forcing():
+    for bad in (None, "", "  "):
+        with pytest.raises(ValueError, match="force_promote needs force_reason"):
+            check_force(True, bad)
+    assert check_force(True, "INC-42: hotfix") == "INC-42: hotfix"
+    assert check_force(False, "ignored without force_promote") is None
+    assert check_force(False, None) is None
+
+
+def test_failing_rules_names_what_did_not_pass():
+    out = decide(utts(uniform(0.30), seed=2), utts(uniform(0.15), seed=1), candidate_rtf=0.05, cfg=CFG)
+    assert failing_rules(out.decision) == out.decision["failing_rules"] and "delta_wer" in failing_rules(out.decision)
+    assert failing_rules({"rules": [{"name": "a", "passed": True}, {"name": "b", "passed": False}]}) == ["b"]
+    assert failing_rules({}) == []
 
 
 def test_seen_and_unseen_are_separate_groups():

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.data.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
-from pipeline.stages.ingest.stage import (
+from pipeline.stages.ingest.rules import (
     Reason,
     Rejected,
     check_audio_unique,
@@ -25,11 +25,11 @@ from pipeline.stages.ingest.stage import (
     check_utt_id_unique,
     decode_line,
     decode_record_audio,
-    fetch_audio,
     normalize_transcript,
     parse_object,
     resolve_drop_audio_key,
 )
+from pipeline.stages.ingest.stage import fetch_audio
 from pipeline.storage import open_store
 from wavfactory import make_audio, record, sha256
 

@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from pipeline.config import PROJECT_ROOT
-from pipeline.serving.config import IstioConfig
+from pipeline.config import PROJECT_ROOT, IstioConfig
 from pipeline.serving.istio import CANARY_ANNOTATION, MERGE_PATCH, PRODUCTION_ANNOTATION, IstioRouter
 from pipeline.serving.router import ROUTED_VERSION_HEADER, RouterError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.stages.register import production_stack
+from pipeline.tracking import production_stack
 
 
 def move(action: str, to: str, alias: str = "production", model: str = "asr") -> dict:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.config import Config
-from pipeline.run import RunContext, check_run_id, new_run_id
+from pipeline.run import STAGES, RunContext, check_run_id, new_run_id, store_run_id
 
 
 def make_ctx(tmp_path, run_id="r1"):
@@ -59,3 +59,27 @@ def test_run_ids():
     for bad in ["", "../x", "a/b", "a b"]:
         with pytest.raises(ValueError, match="invalid run id"):
             check_run_id(bad)
+
+
+@pytest.mark.parametrize("airflow_id", [
+    "manual__2026-11-28T10:00:00+00:00",
+    "scheduled__2026-11-30T03:00:00+00:00",
+    "manual__2026-11-28T18:01:21.101798+00:00",
+    "asset_triggered__2026-12-01T00:00:00+00:00",
+])
+def test_airflow_run_ids_are_kept_as_they_are(airflow_id):
+    assert store_run_id(airflow_id) == check_run_id(airflow_id)
+
+
+@pytest.mark.parametrize("airflow_id", ["my run/with slash", "  weird id ", "__leading", "ünïcode-run", "x" * 250])
+def test_other_run_ids_are_made_safe_and_stay_distinct(airflow_id):
+    safe = store_run_id(airflow_id)
+    assert check_run_id(safe) == safe
+    assert store_run_id(airflow_id + "!") != safe
+
+
+def test_every_stage_is_a_module_of_pipeline_stages():
+    import importlib
+
+    for stage in STAGES:
+        assert importlib.import_module(f"pipeline.stages.{stage}").__name__ == f"pipeline.stages.{stage}"

@@ -1,5 +1,6 @@
 """Stage ``gate``: candidate vs production on the golden set (rules, stage, report)."""
 
+from pipeline.stages.gate.rules import check_force, failing_rules
 from pipeline.stages.gate.stage import gate, read_decision
 
-__all__ = ["gate", "read_decision"]
+__all__ = ["check_force", "failing_rules", "gate", "read_decision"]

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.config import Config, FeatureConfig
 from pipeline.run import RunContext
 from pipeline.stages.search.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space, optuna_distributions, suggest
@@ -49,11 +48,10 @@ def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from pipeline.asr.training import TrainingDiverged, resolve_hparams, train_model
     from pipeline.data.dataset import IndexedFeatures
-    from pipeline.stages.features import FeatureStore
+    from pipeline.data.features import FeatureStore
     from pipeline.storage import open_store
-    from pipeline.stages.train import resolve_hparams
-    from pipeline.asr.training import TrainingDiverged, train_model
 
     torch.set_num_threads(max(1, int(data["threads"])))
     config = Config.model_validate(data["config"])
@@ -102,13 +100,14 @@ def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
 
 
 def _prepare_frontends(ctx: RunContext, space: SearchSpace, progress: bool) -> dict[str, Any]:
-    from pipeline.stages.features import extract_features, load_feature_index, name_features_stage
+    from pipeline.asr.extraction import extract_pool_features
+    from pipeline.data.features import load_feature_index
 
     train_ids, dev_ids = _proxy_ids(ctx)
     parts: dict[str, Any] = {}
     for fe in space.frontends(ctx.config.features):
-        extract_features(ctx, progress=progress, frontend=fe)
-        index = load_feature_index(ctx.store, ctx.run_id, stage=name_features_stage(ctx, fe))
+        stage = extract_pool_features(ctx, fe, progress=progress)["stage"]
+        index = load_feature_index(ctx.store, ctx.run_id, stage=stage)
         pos = {u["utt_id"]: i for i, u in enumerate(index["utterances"])}
         missing = [u for u in train_ids + dev_ids if u not in pos]
         if missing:

@@ -1,32 +1,39 @@
-"""Serving and canary configuration (pydantic), meant to become ``serving:`` and ``canary:``
-sections of :class:`pipeline.config.Config`.
-
-Until then :func:`serving_config` / :func:`canary_config` read them from the main config when
-it has them and fall back to the defaults below, so the same code works before and after.
-"""
+"""The serving sections: TorchServe (``serving:``), its router (nginx or Istio) and the canary (``canary:``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator
+
+from pipeline.config.base import Section
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _loopback(server: str) -> AfterValidator:
+    def check(host: str) -> str:
+        if host not in LOOPBACK_HOSTS:
+            raise ValueError(f"the embedded {server} binds to loopback only (127.0.0.1)")
+        return host
+
+    return AfterValidator(check)
 
 
-class NginxConfig(_Section):
+RouterHost = Annotated[str, _loopback("router")]
+TorchServeHost = Annotated[str, _loopback("TorchServe")]
+
+
+class NginxConfig(Section):
     """The embedded-default traffic splitter: nginx ``split_clients`` on 127.0.0.1."""
 
     binary: str = Field("nginx", description="nginx executable (a name on PATH, /usr/sbin is searched too)")
     prefix: str | None = Field(None, description="nginx prefix folder (config, pid, logs); default: <serving.work_dir>/nginx")
-    host: str = "127.0.0.1"
+    host: RouterHost = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="client-facing port; 0 = a free port picked at first start")
     client_keepalive: bool = Field(
         False,
@@ -40,15 +47,8 @@ class NginxConfig(_Section):
         "(the router on 127.0.0.1 is the trust boundary)",
     )
 
-    @field_validator("host")
-    @classmethod
-    def _loopback(cls, v: str) -> str:
-        if v not in ("127.0.0.1", "::1", "localhost"):
-            raise ValueError("the embedded router binds to loopback only (127.0.0.1)")
-        return v
 
-
-class IstioConfig(_Section):
+class IstioConfig(Section):
     """Production traffic splitter: weights in an Istio VirtualService, patched through the Kubernetes API.
 
     The defaults match ``infra/k8s/base/serving/istio.yaml``: VirtualService
@@ -80,12 +80,12 @@ class IstioConfig(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
-class ServingConfig(_Section):
+class ServingConfig(Section):
     """TorchServe on 127.0.0.1 (embedded default) and the router in front of it."""
 
     model_name: str = "asr"
     work_dir: str = Field(".asr-retune/serving", description="TorchServe config, model store, logs, key file, state")
-    host: str = "127.0.0.1"
+    host: TorchServeHost = "127.0.0.1"
     inference_port: int = Field(0, ge=0, le=65535, description="0 = a free port picked at start")
     management_port: int = Field(0, ge=0, le=65535)
     metrics_port: int = Field(0, ge=0, le=65535)
@@ -106,6 +106,7 @@ class ServingConfig(_Section):
     router: Literal["nginx", "istio"] = "nginx"
     nginx: NginxConfig = NginxConfig()
     istio: IstioConfig = IstioConfig()
+    ORDERED = (("min_duration_s", "max_duration_s", True),)
 
     @field_validator("model_name")
     @classmethod
@@ -113,19 +114,6 @@ class ServingConfig(_Section):
         if not MODEL_NAME_RE.match(v):
             raise ValueError("model_name: letters, digits, '_' and '-' only")
         return v
-
-    @field_validator("host")
-    @classmethod
-    def _loopback(cls, v: str) -> str:
-        if v not in ("127.0.0.1", "::1", "localhost"):
-            raise ValueError("the embedded TorchServe binds to loopback only (127.0.0.1)")
-        return v
-
-    @model_validator(mode="after")
-    def _durations(self) -> "ServingConfig":
-        if self.min_duration_s >= self.max_duration_s:
-            raise ValueError(f"min_duration_s ({self.min_duration_s}) must be below max_duration_s ({self.max_duration_s})")
-        return self
 
     def work_path(self) -> Path:
         return Path(self.work_dir).expanduser().resolve()
@@ -140,7 +128,7 @@ class ServingConfig(_Section):
         }
 
 
-class CanaryConfig(_Section):
+class CanaryConfig(Section):
     """Stepped traffic, the analysis window and the health thresholds of a canary."""
 
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0], description="canary weight (percent) per step")
@@ -175,22 +163,3 @@ class CanaryConfig(_Section):
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(f"steps: weights must increase, got {v}")
         return v
-
-
-def _section(config: Any, name: str, cls: type[_Section]) -> Any:
-    if isinstance(config, cls):
-        return config
-    value = getattr(config, name, None)
-    if value is None:
-        return cls()
-    return value if isinstance(value, BaseModel) else cls.model_validate(value)
-
-
-def serving_config(config: Any) -> ServingConfig:
-    """``config.serving`` when the main config has it, else the defaults."""
-    return _section(config, "serving", ServingConfig)
-
-
-def canary_config(config: Any) -> CanaryConfig:
-    """``config.canary`` when the main config has it, else the defaults."""
-    return _section(config, "canary", CanaryConfig)

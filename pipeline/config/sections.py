@@ -1,44 +1,16 @@
-"""Typed configuration: YAML file + environment overrides, validated with pydantic.
-
-Load order: defaults in the models below <- YAML file <- environment variables.
-An environment variable ``ASR_RETUNE__SECTION__FIELD=value`` overrides
-``section.field`` (the value is parsed as YAML, so ``8``, ``true`` and ``[1, 2]``
-keep their types). ``ASR_RETUNE_CONFIG`` names the file when ``--config`` is not
-given; the default is ``configs/local.yaml`` in the project.
-
-A bad file fails with :class:`ConfigError` naming the field and the bad value.
-"""
+"""The pipeline's sections: storage, data, features, model, training, search, gate, orchestration, Ray, MLflow."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
-ENV_FILE = "ASR_RETUNE_CONFIG"
-ENV_PREFIX = "ASR_RETUNE__"
+from pipeline.config.base import Section, project_path
 
 
-def project_path(path: str) -> Path:
-    """``path`` as given when absolute, else relative to the project root (not the cwd)."""
-    p = Path(path)
-    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
-
-
-class ConfigError(ValueError):
-    """The configuration file or an override is invalid; the message says which field."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StorageConfig(_Section):
+class StorageConfig(Section):
     """Where runs and state live: a local folder, ``file://...`` or ``s3://bucket/prefix``."""
 
     root: str = ".asr-retune/store"
@@ -61,13 +33,13 @@ class StorageConfig(_Section):
         return v
 
 
-class AudioConfig(_Section):
+class AudioConfig(Section):
     """The one front-end sample rate; every accepted utterance is converted to it."""
 
     sample_rate: int = Field(8000, ge=4000, le=48000)
 
 
-class DemoConfig(_Section):
+class DemoConfig(Section):
     """The demo corpus built from FSDD recordings and eSpeak NG voices."""
 
     fsdd_dir: str = "../shared/data/fsdd"
@@ -80,18 +52,13 @@ class DemoConfig(_Section):
     seed: int = 1234
     golden_version: str = "v1"
     defects_per_drop: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _digits_order(self) -> "DemoConfig":
-        if self.min_digits > self.max_digits:
-            raise ValueError(f"min_digits ({self.min_digits}) > max_digits ({self.max_digits})")
-        return self
+    ORDERED = (("min_digits", "max_digits", False),)
 
     def fsdd_path(self) -> Path:
         return project_path(self.fsdd_dir)
 
 
-class IngestConfig(_Section):
+class IngestConfig(Section):
     """Validation rules applied to every incoming record."""
 
     min_duration_s: float = Field(0.1, gt=0)
@@ -99,17 +66,10 @@ class IngestConfig(_Section):
     duration_tolerance_s: float = Field(0.25, ge=0)
     silence_floor_dbfs: float = Field(-60.0, le=0)
     max_audio_bytes: int = Field(64 * 1024 * 1024, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "IngestConfig":
-        if self.min_duration_s >= self.max_duration_s:
-            raise ValueError(
-                f"min_duration_s ({self.min_duration_s}) must be below max_duration_s ({self.max_duration_s})"
-            )
-        return self
+    ORDERED = (("min_duration_s", "max_duration_s", True),)
 
 
-class FeatureConfig(_Section):
+class FeatureConfig(Section):
     """Log-mel front end (torchaudio)."""
 
     n_mels: int = Field(40, ge=8, le=256)
@@ -119,13 +79,15 @@ class FeatureConfig(_Section):
     workers: int = Field(0, ge=0, description="0 = one per core")
 
 
-class ProxyConfig(_Section):
+class ProxyConfig(Section):
+    """The proxy set the search trains on: a seeded share of the pool, and its dev split."""
+
     fraction: float = Field(0.3, gt=0, le=1)
     dev_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = 7
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Character CTC model; names match the search space's (configs/search_space.yaml)."""
 
     encoder: Literal["conformer", "lstm", "transformer"] = "conformer"
@@ -152,7 +114,7 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One training loop for search trials and full training."""
 
     epochs: int = Field(12, ge=1, le=1000)
@@ -181,7 +143,7 @@ class TrainConfig(_Section):
     )
 
 
-class SearchConfig(_Section):
+class SearchConfig(Section):
     """Ray Tune ASHA + Optuna TPE over ``space_file`` on the proxy set."""
 
     space_file: str = "configs/search_space.yaml"
@@ -201,19 +163,14 @@ class SearchConfig(_Section):
     metric: Literal["dev_wer", "dev_cer", "dev_loss"] = Field(
         "dev_wer", description="what ASHA and TPE minimize; dev_loss separates trials that all still output blanks"
     )
-
-    @model_validator(mode="after")
-    def _grace(self) -> "SearchConfig":
-        if self.grace_period > self.max_epochs:
-            raise ValueError(f"grace_period ({self.grace_period}) > max_epochs ({self.max_epochs})")
-        return self
+    ORDERED = (("grace_period", "max_epochs", False),)
 
     def space_path(self) -> Path:
         return project_path(self.space_file)
 
 
-class GateConfig(_Section):
-    """Gate thresholds (wanted as ``gate:`` in config.py; WERs are fractions, 0.05 = 5 points)."""
+class GateConfig(Section):
+    """Gate thresholds (WERs are fractions, 0.05 = 5 points)."""
 
     golden_version: str | None = Field(None, description="golden set version; default demo.golden_version")
     max_wer: float = Field(0.40, gt=0, description="absolute ceiling on the candidate's golden-set WER")
@@ -234,111 +191,25 @@ class GateConfig(_Section):
     report_leaderboard_rows: int = Field(10, ge=1)
 
 
-class OrchestrationConfig(_Section):
+class OrchestrationConfig(Section):
     """Airflow settings the DAG reads at parse time (this file only: no store, Ray, MLflow or DB)."""
 
     schedule: str = Field("0 3 * * 1", description="cron of the weekly run (UTC)")
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
 
 
-class MlflowConfig(_Section):
+class MlflowConfig(Section):
+    """MLflow tracking and registry: where runs and models are recorded, and the local model cache."""
+
     tracking_uri: str = "sqlite:///.asr-retune/mlflow.db"
     artifact_root: str = ".asr-retune/mlartifacts"
     registered_model: str = "asr"
     experiment: str = "asr-retune"
     model_cache: str = ".asr-retune/model-cache"
     pip_requirements: list[str] = ["torch==2.11.0", "numpy", "pandas"]
-
-
-from pipeline.serving.config import CanaryConfig, ServingConfig  # noqa: E402  (serving's own section models)
-
-
-class Config(_Section):
-    storage: StorageConfig = StorageConfig()
-    audio: AudioConfig = AudioConfig()
-    demo: DemoConfig = DemoConfig()
-    ingest: IngestConfig = IngestConfig()
-    features: FeatureConfig = FeatureConfig()
-    proxy: ProxyConfig = ProxyConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    search: SearchConfig = SearchConfig()
-    gate: GateConfig = GateConfig()
-    orchestration: OrchestrationConfig = OrchestrationConfig()
-    serving: ServingConfig = ServingConfig()
-    canary: CanaryConfig = CanaryConfig()
-    ray: RayConfig = RayConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if not path:
-            continue
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node[path[-1]] = raw if value is None and raw != "" else value
-    return data
-
-
-def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown field (value {shown}); check the spelling")
-        else:
-            lines.append(f"  {field}: {e['msg']} (got {shown})")
-    return "\n".join(lines)
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
-
-
-def resolve_config_path(path: str | os.PathLike | None = None) -> Path:
-    if path:
-        return Path(path)
-    env = os.environ.get(ENV_FILE)
-    return Path(env) if env else DEFAULT_CONFIG
-
-
-def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Load and validate the configuration; raise :class:`ConfigError` with the bad field named."""
-    file = resolve_config_path(path)
-    if not file.exists():
-        raise ConfigError(f"configuration file not found: {file} (pass --config FILE or set {ENV_FILE})")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"configuration file {file} must hold a mapping at the top, got {type(data).__name__}")
-    data = _apply_env(data, dict(os.environ if environ is None else environ))
-    return config_from_dict(data, source=str(file))
