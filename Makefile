@@ -48,7 +48,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# every test marked @pytest.mark.scenario (tests/scorecard.py), slow ones included
+# every test marked @pytest.mark.scenario (tests/support/scorecard.py), slow ones included
 reliability: setup
 	$(BIN)/python -m pytest tests -m scenario --scorecard reliability-scorecard.json $(PYTEST_ARGS)
 

@@ -17,10 +17,10 @@ loads plugins in every component, not just the API server.
 
 from __future__ import annotations
 
+from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from airflow.plugins_manager import AirflowPlugin
 from pipeline.airflow.report_browser import create_app
 
 DAG_ID = "asr_weekly_retune"

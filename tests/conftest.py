@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
 
 from pipeline.config import Config, StorageConfig
+from pipeline.serving.ports import free_port
 
-pytest_plugins = ["scorecard"]  # the reliability scorecard (make reliability)
+pytest_plugins = ["support.scorecard"]  # the reliability scorecard (make reliability)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

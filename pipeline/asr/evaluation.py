@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.audio import decode_audio, to_mono_resampled
 from pipeline.asr.export import ExportedModel, load_exported
-from pipeline.data.manifest import Utterance, read_manifest, resolve_audio_key
-from pipeline.config import MlflowConfig, StorageConfig
-from pipeline.storage import ObjectStore, open_store
-from pipeline.data.text import normalize_text
 from pipeline.asr.metrics import EvalResult, UttScore, score_pairs
+from pipeline.config import MlflowConfig, StorageConfig
+from pipeline.data.audio import decode_audio, to_mono_resampled
+from pipeline.data.manifest import Utterance, read_manifest, resolve_audio_key
+from pipeline.data.text import normalize_text
+from pipeline.storage import ObjectStore, open_store
 from pipeline.tracking import resolve_model_uri
 
 

@@ -10,9 +10,21 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config.base import PROJECT_ROOT, Section
-from pipeline.config.sections import (AudioConfig, DemoConfig, FeatureConfig, GateConfig, IngestConfig, MlflowConfig,
-                                      ModelConfig, OrchestrationConfig, ProxyConfig, RayConfig, SearchConfig,
-                                      StorageConfig, TrainConfig)  # fmt: skip
+from pipeline.config.sections import (
+    AudioConfig,
+    DemoConfig,
+    FeatureConfig,
+    GateConfig,
+    IngestConfig,
+    MlflowConfig,
+    ModelConfig,
+    OrchestrationConfig,
+    ProxyConfig,
+    RayConfig,
+    SearchConfig,
+    StorageConfig,  # fmt: skip
+    TrainConfig,
+)
 from pipeline.config.serving import CanaryConfig, ServingConfig
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project, whe
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
+from support.wavfactory import make_audio, sha256  # noqa: E402
 
 from pipeline.config import CanaryConfig, Config, FeatureConfig, ModelConfig, ServingConfig  # noqa: E402
 from pipeline.data.manifest import Utterance, write_manifest  # noqa: E402
@@ -46,7 +47,6 @@ from pipeline.serving.torchserve import TorchServe  # noqa: E402
 from pipeline.stages.deploy.replay import load_replay_set  # noqa: E402
 from pipeline.stages.deploy.stage import deploy  # noqa: E402
 from pipeline.storage import LocalStore, ObjectStore, open_store  # noqa: E402
-from wavfactory import make_audio, sha256  # noqa: E402
 
 GOLDEN = "bench"
 

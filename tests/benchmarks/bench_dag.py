@@ -23,7 +23,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "dags"))
 
-from dag_test_support import TINY, airflow_env  # noqa: E402
+from support.dag_env import TINY, airflow_env  # noqa: E402
 
 
 def main() -> None:

@@ -32,15 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project, whe
 
 import soundfile as sf
 import torch
+from support.pool_factory import make_specs, write_pool
 
-from pipeline.config import Config, FeatureConfig
 from pipeline.asr.frontend import FrontEnd
+from pipeline.config import Config, FeatureConfig
 from pipeline.data.features import CACHE_PREFIX
-from pipeline.stages.features import extract_features
 from pipeline.data.pool import POOL_PREFIX, read_pool
 from pipeline.run import RunContext
+from pipeline.stages.features import extract_features
 from pipeline.storage import LocalStore, ObjectStore, open_store
-from pool_factory import make_specs, write_pool
 
 GOAL = 0.5
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import Config, DemoConfig, ProxyConfig, SearchConfig
 from pipeline.demo.corpus import build_demo_corpus
+from pipeline.run import RunContext
 from pipeline.stages.features import extract_features
 from pipeline.stages.ingest.stage import ingest
 from pipeline.stages.proxy import sample_proxy
-from pipeline.run import RunContext
 from pipeline.storage import open_store
 
 

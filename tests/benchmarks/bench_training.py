@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 from torch import nn
 
+from pipeline.asr.training import build_model, build_optimizer, collate, make_batches
 from pipeline.config import Config, DemoConfig, TrainConfig
-from pipeline.demo.corpus import build_demo_corpus
 from pipeline.data.dataset import IndexedFeatures
 from pipeline.data.features import FeatureStore
+from pipeline.demo.corpus import build_demo_corpus
+from pipeline.run import RunContext
 from pipeline.stages.features import extract_features
 from pipeline.stages.ingest.stage import ingest
-from pipeline.run import RunContext
 from pipeline.storage import open_store
-from pipeline.asr.training import build_model, build_optimizer, collate, make_batches
 
 
 def _prepare(root: Path, utterances: int, epochs: int, workers: int) -> RunContext:

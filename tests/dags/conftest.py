@@ -1,11 +1,10 @@
 """Fixtures of the DAG and plugin tests; the helpers (and Airflow's environment, pinned
-before Airflow is imported) live in ``dag_test_support.py``."""
+before Airflow is imported) live in ``tests/support/dag_env.py``."""
 
 from __future__ import annotations
 
 import pytest
-
-from dag_test_support import populate_reports
+from support.dag_env import populate_reports
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from dag_test_support import DAG_ID, PROJECT_ROOT, TINY, airflow_env
+from support.dag_env import DAG_ID, PROJECT_ROOT, TINY, airflow_env
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))  # the airflow of this test environment
 FAULTS = "ingest:after,features:after,proxy:before"
@@ -172,10 +171,10 @@ def _normalized_files(root: Path) -> dict[str, bytes]:
 
 
 def test_retried_stages_produce_the_same_outputs_as_an_untroubled_run(e2e):
+    from pipeline.run import RunContext
     from pipeline.stages.features import extract_features
     from pipeline.stages.ingest.stage import ingest
     from pipeline.stages.proxy import sample_proxy
-    from pipeline.run import RunContext
     from pipeline.storage import open_store
 
     reference = e2e["tmp"] / "pristine"

@@ -11,8 +11,7 @@ import sys
 import textwrap
 
 import pytest
-
-from dag_test_support import DAG_ID, DAGS_DIR, PROJECT_ROOT
+from support.dag_env import DAG_ID, DAGS_DIR, PROJECT_ROOT
 
 EXISTING_STAGES = ["ingest", "features", "proxy", "search", "train", "gate"]
 BRANCHES = ["decide", "register", "deploy", "report_no_change"]

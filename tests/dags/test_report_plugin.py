@@ -5,7 +5,6 @@ and a headless Chromium renders the list."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,9 +15,16 @@ from urllib.parse import quote
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from support.dag_env import (
+    NEWEST_FIRST,
+    PLUGINS_DIR,
+    REPORT_RUNS,
+    populate_reports,
+    report_html,
+)
 
-from dag_test_support import NEWEST_FIRST, PLUGINS_DIR, REPORT_RUNS, populate_reports, report_html
 from pipeline.airflow.report_browser import create_app, list_runs, safe_root
+from pipeline.serving.ports import free_port
 
 PASSED = "scheduled__2026-11-23T03:00:00+00:00"
 FAILED = "scheduled__2026-11-30T03:00:00+00:00"
@@ -192,11 +198,6 @@ def test_reads_an_s3_store_and_shows_no_secrets(moto_server, s3_bucket, aws_env)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_headless_chromium_renders_the_list(report_store, tmp_path):
     import uvicorn
@@ -204,7 +205,7 @@ def test_headless_chromium_renders_the_list(report_store, tmp_path):
     PIL = pytest.importorskip("PIL.Image")
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium not installed (Debian: apt-get update && apt-get install -y chromium)")
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(store_factory=lambda: report_store),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

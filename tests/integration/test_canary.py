@@ -1,7 +1,7 @@
 """Canary deployment against real TorchServe and nginx on 127.0.0.1.
 
 One TorchServe (1 worker per version, tiny random-weight models) and one nginx serve the
-whole module (tests/serving_env.py). Scenarios: cold start, a good candidate promoted, a
+whole module (tests/support/serving_env.py). Scenarios: cold start, a good candidate promoted, a
 candidate that fails on some inputs and a much slower one rolled back while production
 keeps serving, the checksum check at registration, a failing promotion hook, the serving
 rollback and a restarted server. Hostile requests, token refusal and worker crashes are in
@@ -14,6 +14,8 @@ import json
 
 import pytest
 import requests
+from support.serving_env import FAIL_ABOVE_S, MODEL_KEY, Traffic, deploy_version, env_fixture, make_ctx
+from support.wavfactory import make_audio
 
 from pipeline.serving.archive import ArchiveError, ModelArchive, build_archive
 from pipeline.serving.router import ROUTED_VERSION_HEADER
@@ -21,8 +23,6 @@ from pipeline.serving.state import PROMOTED, ROLLED_BACK, read_serving_state
 from pipeline.stages.deploy.errors import DeployError
 from pipeline.stages.deploy.rollback import rollback_serving
 from pipeline.stages.deploy.stage import deploy
-from serving_env import FAIL_ABOVE_S, MODEL_KEY, Traffic, deploy_version, env_fixture, make_ctx
-from wavfactory import make_audio
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -7,14 +7,14 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
+from support.pool_factory import make_specs, write_pool
 
-from pipeline.config import FeatureConfig
 from pipeline.asr.frontend import FrontEnd, compute_log_mel
+from pipeline.config import FeatureConfig
 from pipeline.data.features import FeatureStore
+from pipeline.run import RunContext
 from pipeline.stages.features import extract_features
 from pipeline.stages.proxy import sample_proxy
-from pipeline.run import RunContext
-from pool_factory import make_specs, write_pool
 
 pytestmark = pytest.mark.integration
 

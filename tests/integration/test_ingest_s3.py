@@ -13,16 +13,16 @@ import json
 
 import pytest
 import soundfile as sf
+from support.dropfactory import Drop, bucket_env, check_invariant, nan_audio, s3_credentials, snapshot, upload
+from support.faultproxy import Fault, FaultProxy
+from support.wavfactory import make_audio, manifest_line, record, sha256
 
-from dropfactory import Drop, bucket_env, check_invariant, nan_audio, s3_credentials, snapshot, upload
-from faultproxy import Fault, FaultProxy
-from pipeline.data.audio import decode_audio
 from pipeline.config import IngestConfig, StorageConfig
-from pipeline.stages.ingest.stage import ingest
+from pipeline.data.audio import decode_audio
 from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.run import RunContext
+from pipeline.stages.ingest.stage import ingest
 from pipeline.storage import StorageError, open_store
-from wavfactory import make_audio, manifest_line, record, sha256
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.mlflow_server import MlflowServer, free_port
+from support.model_factory import export_tiny
+from support.registry_env import build_golden_store, put_candidate, registry_config
 
 from pipeline import tracking
 from pipeline.asr.export import load_exported
@@ -22,9 +25,6 @@ from pipeline.stages.gate import gate, read_decision
 from pipeline.stages.register import GateNotPassed, register
 from pipeline.storage import sha256_file
 from pipeline.tracking import RegistryError
-from mlflow_server import MlflowServer, free_port
-from model_factory import export_tiny
-from registry_env import build_golden_store, put_candidate, registry_config
 
 pytestmark = pytest.mark.integration
 

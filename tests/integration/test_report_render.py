@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.asr.metrics import UttScore
 from pipeline.config import GateConfig
-from pipeline.stages.gate.rules import decide
 from pipeline.stages.gate.report import ReportInputs, changed_utterances, render_html, render_markdown, word_diff_html
+from pipeline.stages.gate.rules import decide
 
 pytestmark = pytest.mark.integration
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.run_factory import make_proxy_run
 
 from pipeline.run import RunContext
-from run_factory import make_proxy_run
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +46,8 @@ def test_search_stops_weak_trials_and_tracks_everything(proxy_run):
     assert (runs["tags.asr_kind"] == "trial").sum() == 5 and (runs["tags.asr_kind"] == "search").sum() == 1
     # a finished stage is skipped; the earlier run's best trials warm-start the next run
     assert search(ctx)["skipped"] is True
-    from pipeline.stages.search.stage import warm_start_points
     from pipeline.stages.search.space import load_space
+    from pipeline.stages.search.stage import warm_start_points
 
     ctx2 = RunContext(run_id="search-2", config=ctx.config, store=ctx.store)
     points, sources = warm_start_points(ctx2, load_space(ctx.config.search.space_path()), None)

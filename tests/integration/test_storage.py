@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
+from support.faultproxy import Fault, FaultProxy
 
-from faultproxy import Fault, FaultProxy
 from pipeline.config import StorageConfig
 from pipeline.storage import LocalStore, ObjectNotFound, StorageError, open_store
 

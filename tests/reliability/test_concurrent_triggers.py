@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,7 +32,9 @@ from pathlib import Path
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "dags"))  # the DAG tests' helpers
-from dag_test_support import DAG_ID, PROJECT_ROOT, TINY, airflow_env  # noqa: E402
+from support.dag_env import DAG_ID, PROJECT_ROOT, TINY, airflow_env  # noqa: E402
+
+from pipeline.serving.ports import free_port
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 # short runs: one epoch, one search trial (the gate fails on 40 utterances: no register/deploy)
@@ -43,11 +44,6 @@ TERMINAL = {"success", "failed"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _airflow(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -121,7 +117,7 @@ def airflow(tmp_path_factory):
     from pipeline.storage import open_store
 
     tmp = tmp_path_factory.mktemp("concurrent-triggers")
-    port = _free_port()
+    port = free_port()
     env = airflow_env(
         tmp, **TINY,
         ASR_RETUNE__ORCHESTRATION__SCHEDULE=NEVER,

@@ -13,9 +13,10 @@ import shutil
 import uuid
 
 import pytest
+from support.mlflow_server import MlflowServer
+from support.model_factory import export_tiny
+from support.registry_env import build_golden_store, put_candidate, registry_config
 
-from mlflow_server import MlflowServer
-from model_factory import export_tiny
 from pipeline import tracking
 from pipeline.asr.evaluation import evaluate_model
 from pipeline.asr.export import load_exported
@@ -25,7 +26,6 @@ from pipeline.stages.gate import gate, read_decision
 from pipeline.stages.gate.rules import decide
 from pipeline.stages.gate.stage import read_cohorts
 from pipeline.stages.register import GateNotPassed, register
-from registry_env import build_golden_store, put_candidate, registry_config
 
 pytestmark = pytest.mark.integration
 

@@ -28,18 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import soundfile as sf
+from support.dropfactory import bucket_env, check_invariant, nan_audio, s3_credentials, snapshot
+from support.wavfactory import make_audio, manifest_line, record, sha256
 
-from dropfactory import bucket_env, check_invariant, nan_audio, s3_credentials, snapshot
 from pipeline.config import IngestConfig
-from pipeline.stages.ingest import ingest
-from pipeline.stages.ingest.rules import Reason
 from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.run import RunContext
-from wavfactory import make_audio, manifest_line, record, sha256
+from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest.rules import Reason
 
 pytestmark = pytest.mark.integration
 
-NORMAL_WEEK = 40  # utterances per week of the end-to-end DAG test (tests/dags/dag_test_support.py TINY)
+NORMAL_WEEK = 40  # utterances per week of the end-to-end DAG test (tests/support/dag_env.py TINY)
 VOLUME = 10 * NORMAL_WEEK
 PER_REASON = 8  # bad records per reason code (variants cycled); the rest of VOLUME is good
 DROP = "week-48-flood"

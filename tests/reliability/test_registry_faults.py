@@ -1,7 +1,7 @@
 """Reliability scenario 4: the MLflow server goes down during registration.
 
 A real ``mlflow server`` (SQLite store, proxied artifacts) behind the fault proxy of
-tests/faultproxy.py, which makes the server vanish at a chosen request: before the stage,
+tests/support/faultproxy.py, which makes the server vanish at a chosen request: before the stage,
 in the middle of uploading the model's artifacts, or right after the model version was
 created. Each time the stage must fail, move no alias, leave no half-registered version,
 and the retried stage (as Airflow's retry would run it, once the server is back) must end
@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.faultproxy import FaultProxy
+from support.mlflow_server import MlflowServer
+from support.model_factory import export_tiny
+from support.registry_env import put_candidate, registry_config
 
-from faultproxy import FaultProxy
-from mlflow_server import MlflowServer
-from model_factory import export_tiny
-from registry_env import put_candidate, registry_config
 from pipeline import tracking
 from pipeline.run import RunContext
 from pipeline.stages.register import register

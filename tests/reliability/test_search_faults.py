@@ -13,8 +13,7 @@ import threading
 import time
 
 import pytest
-
-from run_factory import make_proxy_run
+from support.run_factory import make_proxy_run
 
 pytestmark = pytest.mark.integration
 

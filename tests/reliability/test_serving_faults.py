@@ -1,6 +1,6 @@
 """Reliability scenarios 5 and 6 (serving) against real TorchServe and nginx on 127.0.0.1.
 
-One TorchServe and one nginx for the module (tests/serving_env.py); production is version
+One TorchServe and one nginx for the module (tests/support/serving_env.py); production is version
 "1", put there by a cold start (no canary: cheaper than test_canary's promoted version 2).
 
 6. Hostile requests get a 4xx with a message, through the router and straight to TorchServe,
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
+from support.serving_env import MAX_AUDIO_BYTES, Traffic, deploy_version, env_fixture
+from support.wavfactory import make_audio
 
 from pipeline.serving.state import PROMOTED, ROLLED_BACK, read_serving_state
-from serving_env import MAX_AUDIO_BYTES, Traffic, deploy_version, env_fixture
-from wavfactory import make_audio
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

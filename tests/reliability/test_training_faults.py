@@ -28,9 +28,9 @@ import pytest
 
 from pipeline.config import Config, DemoConfig, TrainConfig
 from pipeline.demo.corpus import build_demo_corpus
+from pipeline.run import RunContext
 from pipeline.stages.features import extract_features
 from pipeline.stages.ingest.stage import ingest
-from pipeline.run import RunContext
 from pipeline.storage import open_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

@@ -20,7 +20,7 @@ from pipeline.asr.metrics import word_errors
 from pipeline.config import CanaryConfig
 from pipeline.serving.backend import ServingBackend, VersionCounters, VersionInfo
 from pipeline.serving.router import RoutedRequest, Router
-from pipeline.stages.deploy.replay import Reply, ReplayUtterance, replay_interval
+from pipeline.stages.deploy.replay import ReplayUtterance, Reply, replay_interval
 
 
 def _percentile(values: list[float], q: float) -> float | None:

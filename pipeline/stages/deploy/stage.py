@@ -49,8 +49,16 @@ from pipeline.serving.archive import ModelArchive, build_archive, check_version
 from pipeline.serving.backend import ServingBackend
 from pipeline.serving.router import Router
 from pipeline.serving.service import open_services
-from pipeline.serving.state import (PROMOTED, ROLLED_BACK, add_history, fetch_archive, read_serving_state,
-                                    record_promotion, utc_now, write_serving_state)  # fmt: skip
+from pipeline.serving.state import (
+    PROMOTED,
+    ROLLED_BACK,
+    add_history,
+    fetch_archive,
+    read_serving_state,
+    record_promotion,  # fmt: skip
+    utc_now,
+    write_serving_state,
+)
 from pipeline.stages.deploy.analysis import measure_interval
 from pipeline.stages.deploy.errors import DeployError
 from pipeline.stages.deploy.replay import ReplayUtterance, load_replay_set

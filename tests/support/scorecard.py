@@ -45,7 +45,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "scenario(n, expected): proves reliability scenario n (see tests/scorecard.py)")
+    config.addinivalue_line("markers", "scenario(n, expected): proves reliability scenario n (see tests/support/scorecard.py)")
 
 
 def _scenario(item) -> tuple[int, str] | None:

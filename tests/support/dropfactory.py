@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import Config, IngestConfig, StorageConfig
 from pipeline.storage import ObjectStore, open_store
-from wavfactory import make_audio
+from support.wavfactory import make_audio
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pipeline.serving.service import open_router
 from pipeline.serving.torchserve import TorchServe
 from pipeline.stages.deploy.stage import deploy
 from pipeline.storage import LocalStore
-from wavfactory import make_audio
+from support.wavfactory import make_audio
 
 GOLDEN = "t1"
 DURATIONS = (0.6, 1.0, 1.9, 2.6)  # half the replayed utterances are longer than FAIL_ABOVE_S

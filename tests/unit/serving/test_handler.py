@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from support.wavfactory import make_audio
 
-from pipeline.config import FeatureConfig, ModelConfig
 from pipeline.asr.export import export_model, load_exported
 from pipeline.asr.frontend import frontend_settings
 from pipeline.asr.model import ASRModel
+from pipeline.asr.vocab import vocab_size
+from pipeline.config import FeatureConfig, ModelConfig
 from pipeline.serving import handler as handler_module
 from pipeline.serving.handler import ASRService
-from pipeline.asr.vocab import vocab_size
-from wavfactory import make_audio
 
 ts_context = pytest.importorskip("ts.context")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.serving.ports import free_port
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

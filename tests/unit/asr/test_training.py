@@ -10,13 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.config import PROJECT_ROOT, FeatureConfig, ModelConfig, TrainConfig
-from pipeline.data.dataset import ArrayDataset, split_by_utterance
-from pipeline.asr.metrics import paired_bootstrap, score_pairs
 from pipeline.asr.export import export_model, load_exported
 from pipeline.asr.frontend import build_frontend, frontend_settings
-from pipeline.data.text import DIGIT_WORDS
+from pipeline.asr.metrics import paired_bootstrap, score_pairs
 from pipeline.asr.training import TrainingDiverged, effective_lr, make_batches, train_model
+from pipeline.config import PROJECT_ROOT, FeatureConfig, ModelConfig, TrainConfig
+from pipeline.data.dataset import ArrayDataset, split_by_utterance
+from pipeline.data.text import DIGIT_WORDS
 
 FSDD = PROJECT_ROOT.parent / "shared" / "data" / "fsdd" / "recordings"
 SEQS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 0), (2, 5)]

@@ -10,16 +10,16 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from support.pool_factory import UttSpec, make_specs, write_pool
 
 import pipeline.asr.extraction as extraction
 from pipeline.asr.extraction import name_features_stage
 from pipeline.asr.frontend import FrontEnd, compute_log_mel, frontend_settings
 from pipeline.config import Config, FeatureConfig
 from pipeline.data.features import FeatureStore, load_feature_index
-from pipeline.stages.features import extract_features
 from pipeline.run import RunContext
+from pipeline.stages.features import extract_features
 from pipeline.storage import LocalStore
-from pool_factory import UttSpec, make_specs, write_pool
 
 
 def make_ctx(store: LocalStore, run_id: str, **features_overrides) -> RunContext:

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import soundfile as sf
+from support.wavfactory import make_audio, manifest_line, record, sha256
 
 from pipeline.config import Config
-from pipeline.stages.ingest.stage import IngestError, _check_invariant, ingest
 from pipeline.data.manifest import read_manifest, resolve_audio_key
 from pipeline.data.pool import read_pool
 from pipeline.run import RunContext
+from pipeline.stages.ingest.stage import IngestError, _check_invariant, ingest
 from pipeline.storage import ObjectStore, StorageError, open_store
-from wavfactory import make_audio, manifest_line, record, sha256
 
 
 def put_drop(store: ObjectStore, drop_id: str, lines: list[bytes], audio: dict[str, bytes]) -> None:

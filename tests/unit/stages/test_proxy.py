@@ -8,12 +8,12 @@ import posixpath
 
 import numpy as np
 import pytest
+from support.pool_factory import UttSpec, make_specs, write_pool
 
 from pipeline.config import Config, ProxyConfig
-from pipeline.stages.proxy import apportion, apportion_balanced, compute_tvd, sample_proxy
 from pipeline.run import RunContext
+from pipeline.stages.proxy import apportion, apportion_balanced, compute_tvd, sample_proxy
 from pipeline.storage import LocalStore
-from pool_factory import UttSpec, make_specs, write_pool
 
 N_POOL = 400
 

@@ -18,12 +18,12 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import DemoConfig
+from pipeline.data.text import DIGIT_WORDS, normalize_text
 from pipeline.demo.corpus import DEFECT_KINDS, build_demo_corpus
 from pipeline.demo.recordings import DROP_TAKES, GOLDEN_TAKES, CorpusError, FsddNotFoundError
 from pipeline.demo.schedule import DROP_SPEAKERS, DROP_VOICES, HELD_OUT_SPEAKERS, HELD_OUT_VOICES, plan_week
-from pipeline.storage import LocalStore, ObjectStore
-from pipeline.data.text import DIGIT_WORDS, normalize_text
 from pipeline.demo.tts import SpeechRequest, TtsError, synthesize, synthesize_isolated
+from pipeline.storage import LocalStore, ObjectStore
 
 SAMPLE_RATE = 8000
 REQUIRED = {

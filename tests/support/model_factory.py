@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import FeatureConfig, ModelConfig
 from pipeline.asr.export import export_model
 from pipeline.asr.frontend import frontend_settings
 from pipeline.asr.model import ASRModel
 from pipeline.asr.vocab import TOKENS, vocab_size
+from pipeline.config import FeatureConfig, ModelConfig
 
 TINY = ModelConfig(encoder="transformer", d_model=32, num_layers=1, attention_heads=4, ffn_mult=1, subsample_channels=8)
 

@@ -12,7 +12,7 @@ from pipeline.serving.nginx import find_nginx, render_nginx_conf
 from pipeline.serving.router import RoutedRequest, RouterError, check_weights
 from pipeline.serving.state import PROMOTED, ROLLED_BACK
 from pipeline.stages.deploy.analysis import evaluate_interval, paired_wer, version_stats, worker_health
-from pipeline.stages.deploy.replay import Reply, ReplayUtterance
+from pipeline.stages.deploy.replay import ReplayUtterance, Reply
 from pipeline.stages.deploy.stage import run_steps
 
 

@@ -8,10 +8,10 @@ import yaml
 
 from pipeline.config import Config, DemoConfig, ProxyConfig, SearchConfig, TrainConfig
 from pipeline.demo.corpus import build_demo_corpus
+from pipeline.run import RunContext
 from pipeline.stages.features import extract_features
 from pipeline.stages.ingest.stage import ingest
 from pipeline.stages.proxy import sample_proxy
-from pipeline.run import RunContext
 from pipeline.storage import open_store
 
 SMALL_SPACE = {

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import soundfile as sf
+from support.wavfactory import make_audio, record, sha256
 
 from pipeline.data.audio import AudioDecodeError, decode_audio, encode_wav, rms_dbfs, to_mono_resampled
 from pipeline.stages.ingest.rules import (
@@ -31,7 +32,6 @@ from pipeline.stages.ingest.rules import (
 )
 from pipeline.stages.ingest.stage import fetch_audio
 from pipeline.storage import open_store
-from wavfactory import make_audio, record, sha256
 
 DROP = "incoming/week-01"
 DROP_URI = "s3://bucket/prefix/incoming/week-01/"
