@@ -11,7 +11,7 @@ Access: every route but ``/asr-reports/healthz`` needs an Airflow login (the UI'
 cookie or an ``Authorization: Bearer <JWT>`` header) with read access to the runs of
 ``asr_weekly_retune``; plugin apps are not protected by Airflow on their own.
 
-Importing this module is cheap (FastAPI and the pipeline's storage module only): Airflow
+Importing this module is cheap (FastAPI, Jinja2 and the pipeline's core modules only): Airflow
 loads plugins in every component, not just the API server.
 """
 

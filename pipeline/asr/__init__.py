@@ -1,1 +1,1 @@
-"""The ASR library: vocabulary, front end, model, the one training loop, export and evaluation."""
+"""The ASR library: vocabulary, front end, model, feature extraction, the one training loop, export, evaluation and WER scoring."""

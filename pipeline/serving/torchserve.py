@@ -1,4 +1,4 @@
-"""TorchServe 0.12 on 127.0.0.1, driven from Python: start, health, register, default, scale, stop.
+"""TorchServe 0.12 on 127.0.0.1, driven from Python: start, health, register, default version, stop.
 
 Everything of one server lives in ``serving.work_dir``::
 
