@@ -34,7 +34,7 @@ class ServingModel(torch.nn.Module):
         self.model = model
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.frontend(wave)
+        feats = self.frontend(wave, wave_lengths)
         lengths = self.frontend.num_frames(wave_lengths).clamp(max=feats.size(1))
         return self.model(feats, lengths)
 

@@ -35,8 +35,9 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from pipeline.asr.augment import Draw, augment_hash, augment_wave, copy_key, draw
 from pipeline.asr.frontend import FrontEnd, LogMelComputer
-from pipeline.config import FeatureConfig
+from pipeline.config import AugmentConfig, FeatureConfig
 from pipeline.data.audio import resample
 from pipeline.data.features import (
     FEATURES_STAGE,
@@ -56,9 +57,10 @@ _CHUNK_UTTERANCES = 128
 
 @dataclass
 class _Job:
-    sha256: str
+    sha256: str  # the cache key: the audio's sha256, or an augmented copy's (augment.copy_key)
     audio_key: str
     utt_id: str
+    draw: Draw | None = None  # an augmented copy: what it gets
 
 
 @dataclass
@@ -147,6 +149,8 @@ def _compute_chunk(store: ObjectStore, computer: LogMelComputer, chunk: list[_Jo
     resampled = 0
     for job in chunk:
         wave, changed = _decode(store.get_bytes(job.audio_key), job.utt_id, computer.frontend.sample_rate)
+        if job.draw is not None:
+            wave = augment_wave(wave, computer.frontend.sample_rate, job.draw)
         if wave.shape[0] <= computer.n_fft // 2:
             raise ValueError(
                 f"utterance {job.utt_id!r} has {wave.shape[0]} samples, too short for a {computer.n_fft}-point "
@@ -294,7 +298,8 @@ def _extract(
     workers = resolve_workers(feature_config.workers)
     cache = FeatureCache.open(store, fe.hash, fe.settings, fe.n_mels, workers=workers)
     shards_before = len(cache.shards)
-    jobs, samples_hint = _plan_jobs(store, pool, cache, fe.sample_rate)
+    augment = ctx.config.augment
+    jobs, samples_hint = _plan_jobs(store, pool, cache, fe.sample_rate, augment)
 
     compute_started = time.perf_counter()
     new_shards, resampled = compute_missing_features(
@@ -304,13 +309,18 @@ def _extract(
     compute_s = time.perf_counter() - compute_started
 
     entries = [cache.entries[utt.sha256] for utt in pool.utterances]
-    utterances = _index_rows(pool, entries)
+    copies = [[cache.entries[copy_key(utt.sha256, augment, k)] for k in range(1, augment.copies + 1)]
+              for utt in pool.utterances]
+    utterances = _index_rows(pool, entries, copies)
     stats = _pool_stats(store, cache, pool, entries)
     index_key, stats_key = _write_index(ctx, stage, fe, cache, pool, utterances, stats)
 
-    computed = len(jobs)
+    computed = sum(1 for job in jobs if job.draw is None)
     queued = {job.sha256 for job in jobs}
     return {
+        "augmented_copies": augment.copies,
+        "augment_hash": augment_hash(augment) if augment.copies else None,
+        "copies_computed": len(jobs) - computed,
         "pool_version": pool.version,
         "frontend_hash": fe.hash,
         "cache_prefix": cache.prefix,
@@ -333,22 +343,26 @@ def _extract(
 
 
 def _plan_jobs(
-    store: ObjectStore, pool: Pool, cache: FeatureCache, sample_rate: int
+    store: ObjectStore, pool: Pool, cache: FeatureCache, sample_rate: int, augment: AugmentConfig
 ) -> tuple[list[_Job], dict[str, int]]:
-    """The pool's audio that no shard holds yet (each sha256 once), and its expected sample counts."""
+    """The pool's audio (and augmented copies) that no shard holds yet, each key once, and
+    their expected sample counts."""
     jobs: list[_Job] = []
     samples_hint: dict[str, int] = {}
     for utt in pool.utterances:
-        if utt.sha256 in cache.entries or utt.sha256 in samples_hint:
-            continue
-        jobs.append(_Job(sha256=utt.sha256, audio_key=pool.audio_key(utt, store), utt_id=utt.utt_id))
-        samples_hint[utt.sha256] = int(utt.duration * sample_rate)
+        keys = [(utt.sha256, None)] + [(copy_key(utt.sha256, augment, k), draw(augment, utt.sha256, k))
+                                       for k in range(1, augment.copies + 1)]
+        for key, d in keys:
+            if key in cache.entries or key in samples_hint:
+                continue
+            jobs.append(_Job(sha256=key, audio_key=pool.audio_key(utt, store), utt_id=utt.utt_id, draw=d))
+            samples_hint[key] = int(utt.duration * sample_rate / (d.speed if d else 1.0))
     return jobs, samples_hint
 
 
-def _index_rows(pool: Pool, entries: list[CacheEntry]) -> list[dict[str, Any]]:
-    """The index's row of every pool utterance: where its features are, and its transcript."""
-    return [
+def _index_rows(pool: Pool, entries: list[CacheEntry], copies: list[list[CacheEntry]]) -> list[dict[str, Any]]:
+    """The index's row of every pool utterance: where its features (and copies) are, and its transcript."""
+    rows = [
         {
             "utt_id": utt.utt_id,
             "sha256": utt.sha256,
@@ -362,6 +376,10 @@ def _index_rows(pool: Pool, entries: list[CacheEntry]) -> list[dict[str, Any]]:
         }
         for utt, entry in zip(pool.utterances, entries, strict=True)
     ]
+    for row, extra in zip(rows, copies, strict=True):
+        if extra:
+            row["copies"] = [{"shard": e.shard, "offset": e.offset, "frames": e.frames} for e in extra]
+    return rows
 
 
 def _pool_stats(store: ObjectStore, cache: FeatureCache, pool: Pool, entries: list[CacheEntry]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Encoders (``model.encoder``): ``conformer`` (torchaudio.models.Conformer), ``lstm``
 (bidirectional LSTM) and ``transformer`` (torch.nn.TransformerEncoder). SpecAugment
-(torchaudio's time and frequency masks) is applied in training mode only. Features are
+(torchaudio's time and frequency masks) and the mel-axis warp (:class:`pipeline.asr.augment.MelWarp`,
+``augment.vtlp``) are applied in training mode only. Features are
 normalized with the pool's per-mel mean/std kept as buffers, so the exported model
 carries them. Every module here is TorchScript-able.
 """
@@ -15,6 +16,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from pipeline.asr.augment import MelWarp
 from pipeline.config import ModelConfig
 
 
@@ -125,9 +127,10 @@ class TransformerEncoder(nn.Module):
 class ASRModel(nn.Module):
     """log-mel [B, T, n_mels] + lengths -> CTC log-probs [B, T', V] + output lengths."""
 
-    def __init__(self, cfg: ModelConfig, n_mels: int, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, n_mels: int, vocab_size: int, vtlp: float = 0.0):
         super().__init__()
         self.n_mels = n_mels
+        self.melwarp = MelWarp(vtlp)
         self.register_buffer("feat_mean", torch.zeros(n_mels))
         self.register_buffer("feat_std", torch.ones(n_mels))
         self.specaugment = torchaudio.transforms.SpecAugment(
@@ -156,6 +159,8 @@ class ASRModel(nn.Module):
         x = (feats - self.feat_mean) / self.feat_std
         mask = _padding_mask(lengths, x.size(1)).unsqueeze(-1)
         x = x.masked_fill(mask, 0.0)
+        if self.training:
+            x = self.melwarp(x).masked_fill(mask, 0.0)
         if self.training and self.use_specaugment:
             x = self.specaugment(x.transpose(1, 2)).transpose(1, 2)
         x = self.subsample(x)

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from pipeline.asr.metrics import score_pairs
+from pipeline.asr.augment import ONLINE_PARAMS
 from pipeline.asr.model import ASRModel
 from pipeline.asr.vocab import decode_ids, encode_text, vocab_size
-from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.config import AugmentConfig, Config, ModelConfig, TrainConfig
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,6 +57,8 @@ class FeatureDataset(Protocol):
     def features(self, i: int) -> np.ndarray: ...  # [frames, n_mels] float
 
     def text(self, i: int) -> str: ...
+
+    def for_epoch(self, seed: int, epoch: int) -> "FeatureDataset": ...  # the data one epoch trains on
 
 
 @dataclass
@@ -214,8 +217,9 @@ def dev_error_counts(model: nn.Module, data: FeatureDataset, batch_size: int, ra
     return tuple(totals)
 
 
-def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = None, var: np.ndarray | None = None) -> ASRModel:
-    model = ASRModel(model_cfg, n_mels, vocab_size())
+def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = None, var: np.ndarray | None = None,
+                vtlp: float = 0.0) -> ASRModel:
+    model = ASRModel(model_cfg, n_mels, vocab_size(), vtlp=vtlp)
     if mean is not None and var is not None:
         model.set_normalization(torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(var, dtype=torch.float32))
     return model
@@ -226,12 +230,18 @@ def resolve_hparams(config: Config, overrides: dict[str, Any] | None) -> tuple[M
     overrides = overrides or {}
     model_keys = set(ModelConfig.model_fields)
     train_keys = set(TrainConfig.model_fields)
-    unknown = set(overrides) - model_keys - train_keys - {"n_mels", "win_ms", "hop_ms"}
+    unknown = set(overrides) - model_keys - train_keys - {"n_mels", "win_ms", "hop_ms"} - set(ONLINE_PARAMS)
     if unknown:
-        raise ValueError(f"unknown hyperparameters {sorted(unknown)}: not fields of model: or train:")
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)}: not fields of model:, train: or augment.vtlp")
     model = ModelConfig.model_validate({**config.model.model_dump(), **{k: v for k, v in overrides.items() if k in model_keys}})
     train = TrainConfig.model_validate({**config.train.model_dump(), **{k: v for k, v in overrides.items() if k in train_keys}})
     return model, train
+
+
+def resolve_augment(config: Config, overrides: dict[str, Any] | None) -> AugmentConfig:
+    """``augment:`` with a search winner's (or trial's) on-the-fly augmentation settings on top."""
+    chosen = {k: v for k, v in (overrides or {}).items() if k in ONLINE_PARAMS}
+    return AugmentConfig.model_validate({**config.augment.model_dump(), **chosen})
 
 
 def train_model(
@@ -247,13 +257,18 @@ def train_model(
     report: Report | None = None,
     max_epochs: int | None = None,
     stop_after_batches: int | None = None,
+    augment: AugmentConfig | None = None,
 ) -> tuple[ASRModel, list[EpochReport]]:
     """Train for ``train_cfg.epochs`` (or ``max_epochs``) epochs; return the model and the reports.
+
+    ``augment`` (training only): the mel-axis warp in the model, and a train set with
+    augmented copies (``for_epoch``) gives each epoch its own pick of them.
 
     ``stop_after_batches`` simulates a crash mid-epoch (tests): it raises ``KeyboardInterrupt``
     after that many optimizer batches in the current call.
     """
-    loop = _Loop(model_cfg, train_cfg, train_set.frames(), n_mels, feature_mean, feature_var, max_epochs)
+    vtlp = augment.vtlp if augment is not None else 0.0
+    loop = _Loop(model_cfg, train_cfg, train_set.frames(), n_mels, feature_mean, feature_var, max_epochs, vtlp)
     if resume is not None:
         loop.restore(resume)
     if loop.world > 1:
@@ -273,13 +288,13 @@ class _Loop:
     """The state of one :func:`train_model` call: model, optimizer, schedule, device and ranks."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, frames: np.ndarray, n_mels: int,
-                 mean: np.ndarray | None, var: np.ndarray | None, max_epochs: int | None):
+                 mean: np.ndarray | None, var: np.ndarray | None, max_epochs: int | None, vtlp: float = 0.0):
         self.model_cfg, self.cfg, self.frames, self.n_mels = model_cfg, cfg, frames, n_mels
         self.rank, self.world = _dist()
         seed_everything(cfg.seed)
         self.use_cuda = cfg.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
-        self.model: nn.Module = build_model(model_cfg, n_mels, mean, var).to(self.device)
+        self.model: nn.Module = build_model(model_cfg, n_mels, mean, var, vtlp).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg, effective_lr(cfg, self.world))
         self.epochs = max_epochs or cfg.epochs
         batches_per_epoch = math.ceil(len(frames) / cfg.batch_size)
@@ -307,6 +322,7 @@ class _Loop:
         self.model.train()
         batches = make_batches(self.frames, cfg.batch_size, cfg.seed, epoch)
         batches = batches[: self.per_rank * self.world][self.rank :: self.world]
+        train_set = train_set.for_epoch(cfg.seed, epoch)  # with augmented copies: this epoch's pick
         loss_sum, n_loss, n_utts, grad_norm = 0.0, 0, 0, 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for b, idx in enumerate(batches):

@@ -17,43 +17,28 @@ Import every name from here: ``from pipeline.config import Config, ServingConfig
 """
 
 from pipeline.config.base import PROJECT_ROOT, project_path
-from pipeline.config.loader import (
-                                    DEFAULT_CONFIG,
-                                    ENV_FILE,
-                                    ENV_PREFIX,
-                                    Config,
-                                    ConfigError,
-                                    config_from_dict,
-                                    load_config,  # fmt: skip
-                                    resolve_config_path,
-)
+from pipeline.config.loader import DEFAULT_CONFIG, ENV_FILE, ENV_PREFIX, Config, ConfigError, config_from_dict, load_config, resolve_config_path
 from pipeline.config.sections import (
-                                    AudioConfig,
-                                    DemoConfig,
-                                    FeatureConfig,
-                                    GateConfig,
-                                    IngestConfig,
-                                    MlflowConfig,
-                                    ModelConfig,
-                                    OrchestrationConfig,
-                                    ProxyConfig,
-                                    RayConfig,
-                                    SearchConfig,
-                                    StorageConfig,  # fmt: skip
-                                    TrainConfig,
+    AudioConfig,
+    AugmentConfig,
+    DemoConfig,
+    FeatureConfig,
+    GateConfig,
+    IngestConfig,
+    MlflowConfig,
+    ModelConfig,
+    OrchestrationConfig,
+    ProxyConfig,
+    RayConfig,
+    SearchConfig,
+    StorageConfig,
+    TrainConfig,
 )
-from pipeline.config.serving import (
-                                    MODEL_NAME_RE,
-                                    VERSION_RE,
-                                    CanaryConfig,
-                                    IstioConfig,
-                                    NginxConfig,
-                                    ServingConfig,  # fmt: skip
-)
+from pipeline.config.serving import MODEL_NAME_RE, VERSION_RE, CanaryConfig, IstioConfig, NginxConfig, ServingConfig
 
 __all__ = [
     "DEFAULT_CONFIG", "ENV_FILE", "ENV_PREFIX", "MODEL_NAME_RE", "PROJECT_ROOT", "VERSION_RE",
-    "AudioConfig", "CanaryConfig", "Config", "ConfigError", "DemoConfig", "FeatureConfig", "GateConfig",
+    "AudioConfig", "AugmentConfig", "CanaryConfig", "Config", "ConfigError", "DemoConfig", "FeatureConfig", "GateConfig",
     "IngestConfig", "IstioConfig", "MlflowConfig", "ModelConfig", "NginxConfig", "OrchestrationConfig",
     "ProxyConfig", "RayConfig", "SearchConfig", "ServingConfig", "StorageConfig", "TrainConfig",
     "config_from_dict", "load_config", "project_path", "resolve_config_path",

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pipeline.config.base import PROJECT_ROOT, Section
 from pipeline.config.sections import (
     AudioConfig,
+    AugmentConfig,
     DemoConfig,
     FeatureConfig,
     GateConfig,
@@ -22,7 +23,7 @@ from pipeline.config.sections import (
     ProxyConfig,
     RayConfig,
     SearchConfig,
-    StorageConfig,  # fmt: skip
+    StorageConfig,
     TrainConfig,
 )
 from pipeline.config.serving import CanaryConfig, ServingConfig
@@ -44,6 +45,7 @@ class Config(Section):
     demo: DemoConfig = DemoConfig()
     ingest: IngestConfig = IngestConfig()
     features: FeatureConfig = FeatureConfig()
+    augment: AugmentConfig = AugmentConfig()
     proxy: ProxyConfig = ProxyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

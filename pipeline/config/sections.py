@@ -70,13 +70,65 @@ class IngestConfig(Section):
 
 
 class FeatureConfig(Section):
-    """Log-mel front end (torchaudio)."""
+    """Log-mel front end (torchaudio), the same in extraction, training, export and serving.
+
+    ``level: rms`` scales each utterance to unit RMS (after removing its DC offset) before
+    the mel transform, so the features do not depend on the recording level; ``dither_db``
+    adds a fixed, deterministic noise that many dB below that level, so digital silence
+    (exact zeros) gives finite, ordinary features (Kaldi dithers for the same reason);
+    ``normalize`` subtracts each utterance's mean log-mel (``utterance``), a sliding-window
+    mean (``sliding``, torchaudio's sliding-window CMN over ``cmn_window`` frames), or
+    nothing (``global``: only the pool's per-bin statistics the model always applies).
+    """
 
     n_mels: int = Field(40, ge=8, le=256)
     win_ms: float = Field(25.0, gt=0)
     hop_ms: float = Field(10.0, gt=0)
+    level: Literal["none", "rms"] = "rms"
+    dither_db: float | None = Field(-60.0, le=0, description="dither level re the utterance's RMS (dB); null = off")
+    normalize: Literal["global", "utterance", "sliding"] = "utterance"
+    cmn_window: int = Field(300, ge=10, le=10000, description="frames of the sliding-window mean (normalize: sliding)")
     shard_utterances: int = Field(512, ge=1)
     workers: int = Field(0, ge=0, description="0 = one per core")
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation; evaluation and serving never augment.
+
+    Waveform augmentations (speed, gain, additive noise; torchaudio ``Speed``, ``Vol`` and
+    ``add_noise``) make ``copies`` augmented copies of every pool utterance at feature
+    extraction, each with its own seeded draw, cached content-addressed beside the clean
+    features; every epoch the training loop picks, per utterance, the clean features or one
+    copy. Feature-domain augmentations run on the fly in the model in training mode only:
+    vocal-tract-length warping of the mel axis (a factor in [1 - vtlp, 1 + vtlp]) and
+    SpecAugment (``model.time_masks``/``freq_masks``, as before).
+    """
+
+    copies: int = Field(0, ge=0, le=8, description="augmented copies per utterance (0 = no waveform augmentation)")
+    speed: list[float] = Field(default_factory=lambda: [0.9, 1.0, 1.1], description="speed factors a copy draws from")
+    gain_db: tuple[float, float] | None = Field((-30.0, 6.0), description="a copy's random gain range (dB); null = off")
+    noise_snr_db: tuple[float, float] | None = Field(
+        (5.0, 30.0), description="SNR range (dB) of generated noise added to a copy; null = off")
+    noise_prob: float = Field(0.5, ge=0, le=1, description="share of copies that get noise")
+    vtlp: float = Field(0.0, ge=0, lt=0.5, description="mel-axis warp: factor in [1 - vtlp, 1 + vtlp]; 0 = off")
+    seed: int = 0
+
+    @field_validator("speed")
+    @classmethod
+    def _speeds(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.5 <= f <= 2.0 for f in v):
+            raise ValueError("speed factors must be in [0.5, 2.0], at least one (1.0 = unchanged)")
+        return v
+
+    @field_validator("gain_db", "noise_snr_db")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"range {list(v)}: the low end must not exceed the high end")
+        return v
+
+    def waveform_augmentation(self) -> bool:
+        return self.copies > 0
 
 
 class ProxyConfig(Section):
@@ -170,23 +222,44 @@ class SearchConfig(Section):
 
 
 class GateConfig(Section):
-    """Gate thresholds (WERs are fractions, 0.05 = 5 points)."""
+    """Gate thresholds (WERs are fractions, 0.05 = 5 points); the rules are in pipeline.stages.gate.rules.
+
+    ΔWER = candidate − production on the golden set; its interval is the blockwise (speakers, then
+    utterances) paired bootstrap at ``confidence``.
+    """
 
     golden_version: str | None = Field(None, description="golden set version; default demo.golden_version")
     max_wer: float = Field(0.40, gt=0, description="absolute ceiling on the candidate's golden-set WER")
     mode: Literal["improve", "non-regression"] = "improve"
     min_improvement: float = Field(
-        0.001, ge=0, description="improve: CI upper bound of ΔWER <= -min_improvement (> 0: a copy of production fails)"
+        0.001, ge=0, description="improve: passes when the interval's upper bound <= -min_improvement "
+        "(> 0: a copy of production fails)"
     )
-    tolerance: float = Field(0.005, ge=0, description="non-regression: CI upper bound of ΔWER <= +tolerance")
-    min_group_utts: int = Field(20, ge=1, description="groups with fewer utterances are shown, not checked")
-    group_tolerance: float = Field(0.03, ge=0, description="per group: CI upper bound of ΔWER <= this")
+    tolerance: float = Field(
+        0.005, ge=0, description="non-regression: passes when ΔWER <= +tolerance and the interval's lower bound "
+        "<= 0 (no evidence of regression)"
+    )
+    min_group_utts: int = Field(
+        20, ge=1, description="groups with fewer utterances are not checked: reported as too small to tell"
+    )
+    group_tolerance: float = Field(
+        0.03, ge=0, description="per group: fails only when ΔWER > this and its Holm-adjusted interval lies above zero"
+    )
+    max_group_mde: float = Field(
+        0.10, gt=0, le=1, description="a checked group whose minimum detectable effect exceeds this is reported "
+        "as too small to tell (it still fails on evidence of regression)"
+    )
+    power: float = Field(0.8, gt=0.5, lt=1, description="the power at which minimum detectable effects are stated")
     max_group_wer: float | None = Field(None, gt=0, description="optional absolute ceiling for every checked group")
     max_rtf: float = Field(0.5, gt=0, description="real-time factor budget (model compute s / audio s)")
-    confidence: float = Field(0.95, gt=0.5, lt=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence of the intervals (before Holm)")
     bootstrap_resamples: int = Field(2000, ge=100, le=100000)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+    calibration_file: str = Field(
+        "configs/gate-calibration.json", description="the gate's measured pass rates per golden version "
+        "(tests/benchmarks/bench_gate.py writes it; the report's footer quotes it)"
+    )
     report_top_utts: int = Field(15, ge=1, description="utterances whose errors changed most, in the report")
     report_leaderboard_rows: int = Field(10, ge=1)
 

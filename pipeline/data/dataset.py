@@ -29,17 +29,36 @@ class ArrayDataset:
     def text(self, i: int) -> str:
         return self._texts[i]
 
+    def for_epoch(self, seed: int, epoch: int) -> "ArrayDataset":
+        """No augmented copies in memory: every epoch trains on the same features."""
+        return self
+
     def subset(self, idx: Sequence[int]) -> "ArrayDataset":
         return ArrayDataset([self._feats[i] for i in idx], [self._texts[i] for i in idx])
 
 
 class IndexedFeatures:
-    """A subset of a run's feature shards (:class:`pipeline.data.features.FeatureStore`), by utterance index."""
+    """A subset of a run's feature shards (:class:`pipeline.data.features.FeatureStore`), by utterance index.
 
-    def __init__(self, features, idx: Sequence[int] | None = None):
+    With augmented copies in the shards (``augment.copies``), :meth:`for_epoch` gives the
+    view one training epoch reads: for each utterance the clean features or one of its
+    copies, drawn uniformly from (seed, epoch), so a resumed run reads the same data.
+    Lengths for batching stay the clean ones (a speed copy is within ±10 % of it).
+    """
+
+    def __init__(self, features, idx: Sequence[int] | None = None, pick: Sequence[int] | None = None):
         self._fs = features
         self._idx = list(range(len(features))) if idx is None else list(idx)
         self._frames = np.array([features.utterances[i]["frames"] for i in self._idx], dtype=np.int64)
+        self._pick = list(pick) if pick is not None else None
+
+    def for_epoch(self, seed: int, epoch: int) -> "IndexedFeatures":
+        counts = np.array([self._fs.copies(i) for i in self._idx], dtype=np.int64)
+        if not counts.any():
+            return self
+        rng = np.random.default_rng([seed, epoch, 0xA06])
+        pick = np.floor(rng.random(len(self._idx)) * (counts + 1)).astype(np.int64)
+        return IndexedFeatures(self._fs, self._idx, pick.tolist())
 
     def __len__(self) -> int:
         return len(self._idx)
@@ -48,7 +67,7 @@ class IndexedFeatures:
         return self._frames
 
     def features(self, i: int) -> np.ndarray:
-        return self._fs.read_features(self._idx[i])
+        return self._fs.read_features(self._idx[i], self._pick[i] if self._pick is not None else 0)
 
     def text(self, i: int) -> str:
         return self._fs.utterances[self._idx[i]]["text"]

@@ -220,10 +220,17 @@ class FeatureStore:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def read_features(self, i: int) -> np.ndarray:
-        """Utterance ``i``'s features: a read-only float16 view into its memory-mapped shard."""
+    def read_features(self, i: int, copy: int = 0) -> np.ndarray:
+        """Utterance ``i``'s features (``copy`` 0) or its augmented copy ``copy`` (1-based):
+        a read-only float16 view into the memory-mapped shard."""
         u = self.utterances[i]
+        if copy:
+            u = u["copies"][copy - 1]
         return self.map_shard(u["shard"])[u["offset"]:u["offset"] + u["frames"]]
+
+    def copies(self, i: int) -> int:
+        """How many augmented copies utterance ``i`` has (``augment.copies`` at extraction)."""
+        return len(self.utterances[i].get("copies", ()))
 
     def normalize(self, feats: np.ndarray) -> np.ndarray:
         """float32 features standardized with the pool's per-bin mean and variance."""

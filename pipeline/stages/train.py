@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.run import RunContext
 
 STAGE = "train"
@@ -72,6 +72,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         feature_var=fs.var,
         resume=resume,
         report=report,
+        augment=AugmentConfig.model_validate(loop_config["augment"]),
     )
 
 
@@ -87,12 +88,13 @@ def train_full(
 
 
 def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str | None, epochs: int | None) -> dict[str, Any]:
-    from pipeline.asr.training import resolve_hparams
+    from pipeline.asr.training import resolve_augment, resolve_hparams
     from pipeline.data.dataset import split_by_utterance
     from pipeline.data.features import load_feature_index
     from pipeline.ray import ensure_ray
 
     model_cfg, train_cfg = resolve_hparams(ctx.config, hparams)
+    augment = resolve_augment(ctx.config, hparams)
     if features_stage is None:
         features_stage = _winner_features(ctx, hparams)
     if epochs is not None:
@@ -100,7 +102,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
     index = load_feature_index(ctx.store, ctx.run_id, stage=features_stage)
     train_idx, dev_idx = split_by_utterance(index["utterances"], train_cfg.dev_fraction, train_cfg.seed)
     ensure_ray(ctx.config)
-    trainer = _build_trainer(ctx, index, train_idx, dev_idx, model_cfg, train_cfg)
+    trainer = _build_trainer(ctx, index, train_idx, dev_idx, model_cfg, train_cfg, augment)
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
@@ -123,7 +125,8 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
     }
     ctx.store.put_text(ctx.stage_key(STAGE, "metrics.json"), json.dumps(metrics, indent=2))
     ctx.store.put_text(ctx.stage_key(STAGE, "history.json"), json.dumps(history, indent=2))
-    ctx.store.put_text(ctx.stage_key(STAGE, "hparams.json"), json.dumps({"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}, indent=2))
+    ctx.store.put_text(ctx.stage_key(STAGE, "hparams.json"), json.dumps({"model": model_cfg.model_dump(), "train": train_cfg.model_dump(),
+                                                                          "augment": augment.model_dump(mode="json")}, indent=2))
     return {**metrics, "model": ctx.store.uri(ctx.stage_key(STAGE, "model.pt"))}
 
 
@@ -136,7 +139,7 @@ def _winner_features(ctx: RunContext, hparams: dict[str, Any] | None) -> str:
 
 
 def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int], dev_idx: list[int],
-                   model_cfg: ModelConfig, train_cfg: TrainConfig):
+                   model_cfg: ModelConfig, train_cfg: TrainConfig, augment: AugmentConfig):
     """Ray Train's ``TorchTrainer`` over :func:`_worker_loop`, restartable from the run's work area."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -156,6 +159,7 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
             "dev_idx": dev_idx,
             "model": model_cfg.model_dump(),
             "train": train_cfg.model_dump(),
+            "augment": augment.model_dump(mode="json"),
             "threads": max(1, (os.cpu_count() or 1) // train_cfg.num_workers),
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),

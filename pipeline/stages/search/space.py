@@ -16,10 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from pipeline.asr.augment import ONLINE_PARAMS
 from pipeline.config import FeatureConfig, ModelConfig, TrainConfig
 
 FRONTEND_PARAMS = ("n_mels", "win_ms", "hop_ms")
-KNOWN_PARAMS = set(ModelConfig.model_fields) | set(TrainConfig.model_fields) | set(FRONTEND_PARAMS)
+KNOWN_PARAMS = set(ModelConfig.model_fields) | set(TrainConfig.model_fields) | set(FRONTEND_PARAMS) | set(ONLINE_PARAMS)
 
 
 class SpaceError(ValueError):

@@ -48,7 +48,7 @@ def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from pipeline.asr.training import TrainingDiverged, resolve_hparams, train_model
+    from pipeline.asr.training import TrainingDiverged, resolve_augment, resolve_hparams, train_model
     from pipeline.data.dataset import IndexedFeatures
     from pipeline.data.features import FeatureStore
     from pipeline.storage import open_store
@@ -82,7 +82,7 @@ def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
         train_model(
             model_cfg, train_cfg, train_set, dev_set,
             n_mels=fs.n_mels, feature_mean=fs.mean, feature_var=fs.var,
-            resume=resume, report=report, max_epochs=int(data["max_epochs"]),
+            resume=resume, report=report, max_epochs=int(data["max_epochs"]), augment=resolve_augment(config, params),
         )
     except TrainingDiverged as exc:
         tune.report({"epoch": last_epoch + 1, "dev_wer": DIVERGED_WER, "dev_cer": DIVERGED_WER,
@@ -134,7 +134,8 @@ def warm_start_points(
         sources.append("production")
     else:  # cold start: the configured default stands in for production's configuration
         cfg = ctx.config
-        points.append(filter_point(space, {**cfg.features.model_dump(), **cfg.model.model_dump(), **cfg.train.model_dump()}))
+        points.append(filter_point(space, {**cfg.features.model_dump(), **cfg.model.model_dump(), **cfg.train.model_dump(),
+                                              "vtlp": cfg.augment.vtlp}))
         sources.append("config-default")
     earlier = [
         (t["best_dev_wer"], entry["run_id"], t["config"])

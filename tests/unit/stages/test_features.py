@@ -44,12 +44,16 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(extraction, "_CHUNK_UTTERANCES", 5)
 
 
+# today's front end before issue #15: no level normalization, no dither, no per-utterance mean
+PLAIN = {"level": "none", "dither_db": None, "normalize": "global"}
+
+
 def test_frames_and_values_match_torchaudio_melspectrogram(store):
     durations = [0.25, 0.5, 1.0, 1.2345, 2.0]
     rows = write_pool(store, [UttSpec(f"d{i}", "s", "g", d) for i, d in enumerate(durations)])
-    summary = extract_features(make_ctx(store, "r1"), progress=False)
+    summary = extract_features(make_ctx(store, "r1", **PLAIN), progress=False)
     fs = FeatureStore.open(store, "r1")
-    fe = FrontEnd.from_config(FeatureConfig(), 8000)
+    fe = FrontEnd.from_config(FeatureConfig(**PLAIN), 8000)
     assert (fe.win_length, fe.hop_length, fe.n_fft) == (200, 80, 256)
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=8000, n_fft=256, win_length=200, hop_length=80, n_mels=40)
     shared = fe.build_module()  # pipeline.asr.frontend.LogMel: what training and the exported model use
@@ -65,7 +69,21 @@ def test_frames_and_values_match_torchaudio_melspectrogram(store):
     assert summary["frames"] == sum(1 + len(read_wave(store, r)) // 80 for r in rows)
     assert summary["computed"] == len(rows) and summary["reused"] == 0
     # the index carries the shared front-end settings: the export rebuilds the same transform from them
-    assert fs.index["frontend"] == frontend_settings(FeatureConfig(), 8000)
+    assert fs.index["frontend"] == frontend_settings(FeatureConfig(**PLAIN), 8000)
+
+
+@pytest.mark.parametrize("normalize", ["utterance", "sliding"])
+def test_robust_frontend_shards_equal_the_exported_module(store, normalize):
+    """Level, dither and mean normalization: the batched extraction gives what LogMel (the
+    exported model's front end) computes on each utterance alone."""
+    rows = write_pool(store, [UttSpec(f"d{i}", "s", "g", d) for i, d in enumerate([0.3, 0.8, 1.5, 2.2])])
+    extract_features(make_ctx(store, "r1", normalize=normalize), progress=False)
+    fs = FeatureStore.open(store, "r1")
+    shared = FrontEnd.from_config(FeatureConfig(normalize=normalize), 8000).build_module()
+    for i, row in enumerate(rows):
+        feats, _ = fs[i]
+        expected = shared(torch.from_numpy(read_wave(store, row))).numpy()
+        np.testing.assert_allclose(feats.astype(np.float32), expected, rtol=3e-3, atol=3e-3)
 
 
 def test_second_week_computes_only_new_audio_and_reuses_old_shards(store):
