@@ -11,13 +11,14 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut 
 FSDD   ?= ../shared/data/fsdd
 PYTEST_ARGS ?=
 
-.PHONY: help setup check-system demo test reliability bench clean lint
+.PHONY: help setup check-system demo test reliability bench quality clean lint
 
 help:
 	@echo "make demo    set up .venv, then two weekly runs of the Airflow DAG on the demo corpus (embedded default)"
 	@echo "make test    set up .venv, run the test suite (CI runs this)"
 	@echo "make reliability  the fault-injection suite, slow scenarios included; writes reliability-scorecard.json"
 	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"
+	@echo "make quality the quality benchmark alone: golden-set WER per front end / augmentation (about 40 min)"
 	@echo "make lint    static checks of docker/ infra/ configs/ (hadolint, yamllint, kubernetes-validate, CRD schemas, checkov); tools in .venv-lint"
 	@echo "make clean   remove the local store (.asr-retune/); keeps .venv"
 
@@ -55,6 +56,10 @@ reliability: setup
 bench: setup
 	@mkdir -p .asr-retune
 	$(BIN)/python tests/benchmarks/run_all.py
+
+quality: setup
+	@mkdir -p .asr-retune
+	$(BIN)/python tests/benchmarks/bench_quality.py
 
 lint: check-system
 	bash tools/lint.sh

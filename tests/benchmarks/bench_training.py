@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/benchmarks/bench_training.py [--utterances 300] [--ddp-epochs 2]
 
-1. loader_ratio: utterances/s of training steps fed by the feature shards (memory-mapped
+1. loader_ratio (without augmentation, then with augmented copies + VTLP + SpecAugment):
+   utterances/s of training steps fed by the feature shards (memory-mapped
    float16 -> collate -> model) divided by utterances/s of the same steps (same model
    init, same batches, same thread count) fed tensors already collated in memory.
    Goal >= 0.9.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.asr.training import build_model, build_optimizer, collate, make_batches
-from pipeline.config import Config, DemoConfig, TrainConfig
+from pipeline.config import AugmentConfig, Config, DemoConfig, TrainConfig
 from pipeline.data.dataset import IndexedFeatures
 from pipeline.data.features import FeatureStore
 from pipeline.demo.corpus import build_demo_corpus
@@ -36,32 +37,34 @@ from pipeline.stages.ingest.stage import ingest
 from pipeline.storage import open_store
 
 
-def _prepare(root: Path, utterances: int, epochs: int, workers: int) -> RunContext:
+def _prepare(root: Path, utterances: int, epochs: int, workers: int, augment: AugmentConfig | None = None) -> RunContext:
     config = Config(
         demo=DemoConfig(weeks=1, utterances_per_week=utterances, golden_utterances=10),
         train=TrainConfig(epochs=epochs, batch_size=16, num_workers=workers, max_failures=0),
+        augment=augment or AugmentConfig(),
     )
     store = open_store(str(root))
     if not store.exists("golden/v1/manifest.jsonl"):
         build_demo_corpus(store, config.demo, config.audio.sample_rate, progress=False)
-    ctx = RunContext(run_id=f"bench-w{workers}", config=config, store=store)
+    ctx = RunContext(run_id=f"bench-w{workers}{'-aug' if config.augment.copies else ''}", config=config, store=store)
     ingest(ctx, progress=False)
     extract_features(ctx, progress=False)
     return ctx
 
 
 def bench_loader(ctx: RunContext, repeats: int = 3) -> dict:
+    """With ``augment`` on, both feeds read epoch 1's pick of copies and the model warps the mel axis."""
     torch.set_num_threads(1)
     fs = FeatureStore.open(ctx.store, ctx.run_id)
-    data = IndexedFeatures(fs)
     cfg = ctx.config
+    data = IndexedFeatures(fs).for_epoch(cfg.train.seed, 1)
     batches = make_batches(data.frames(), cfg.train.batch_size, 0, 0)
     ctc = nn.CTCLoss(zero_infinity=True)
     in_memory = [collate(data, idx) for idx in batches]
 
     def steps(feed) -> float:
         torch.manual_seed(0)
-        model = build_model(cfg.model, fs.n_mels, fs.mean, fs.var)
+        model = build_model(cfg.model, fs.n_mels, fs.mean, fs.var, vtlp=cfg.augment.vtlp)
         opt = build_optimizer(model, cfg.train, cfg.train.lr)
         t0 = time.perf_counter()
         for item in feed():
@@ -80,6 +83,8 @@ def bench_loader(ctx: RunContext, repeats: int = 3) -> dict:
     n = len(data)
     return {
         "benchmark": "training_loader",
+        "augment": {"copies": cfg.augment.copies, "vtlp": cfg.augment.vtlp,
+                    "specaugment": cfg.model.time_masks + cfg.model.freq_masks > 0},
         "utterances": n,
         "loader_utts_per_s": round(n / min(loader_t), 2),
         "in_memory_utts_per_s": round(n / min(memory_t), 2),
@@ -116,6 +121,8 @@ def main() -> None:
         root = Path(tmp)
         ctx = _prepare(root, args.utterances, 1, 1)
         print(json.dumps(bench_loader(ctx)), flush=True)
+        augmented = _prepare(root, args.utterances, 1, 1, AugmentConfig(copies=2, vtlp=0.1))
+        print(json.dumps(bench_loader(augmented)), flush=True)
         if not args.skip_ddp:
             print(json.dumps(bench_ddp(root, args.utterances, args.ddp_epochs)), flush=True)
             import ray
