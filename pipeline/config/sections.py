@@ -45,12 +45,14 @@ class DemoConfig(Section):
     fsdd_dir: str = "../shared/data/fsdd"
     weeks: int = Field(2, ge=1, le=52)
     utterances_per_week: int = Field(600, ge=1)
-    golden_utterances: int = Field(300, ge=1)
+    golden_utterances: int = Field(
+        300, ge=1, description="size of golden v1; v2 has its recipe's size (1,490: pipeline.demo.golden.V2_UTTERANCES)")
     synthetic_fraction: float = Field(0.35, ge=0.0, le=1.0)
     min_digits: int = Field(1, ge=1)
     max_digits: int = Field(7, ge=1)
     seed: int = 1234
-    golden_version: str = "v1"
+    golden_version: str = Field(
+        "v1", description="golden set to build and gate on: v1 (300 utterances, no conditions) or v2 (1,490, sized for the gate)")
     defects_per_drop: int = Field(0, ge=0)
     ORDERED = (("min_digits", "max_digits", False),)
 
@@ -193,29 +195,56 @@ class TrainConfig(Section):
         description="full training: a worker that stops answering (a hung node) or a collective stuck this long "
         "fails the attempt, which then restarts from the last checkpoint",
     )
+    init: Literal["scratch", "production"] = Field(
+        "scratch", description="full training: start from production's weights when the architecture matches "
+        "(same model and n_mels; otherwise scratch, recorded in metrics.json with the reason)",
+    )
 
 
 class SearchConfig(Section):
-    """Ray Tune ASHA + Optuna TPE over ``space_file`` on the proxy set."""
+    """Ray Tune ASHA + Optuna TPE over ``space_file`` on the proxy set, with the incumbent as trial 0.
+
+    The incumbent is production's configuration (its registered model's metadata), or the
+    configured default at cold start. Rungs left unset (``max_epochs``, ``grace_period``,
+    ``reduction_factor``: null) are sized from the proxy and the full-training budget: the
+    top rung gives a trial ``top_rung_fraction`` of full training's optimizer steps. Only trials
+    that reach the top rung can win, ranked by dev WER there (dev CER breaks ties); the winner
+    replaces the incumbent only when its dev WER is at least ``min_improvement`` lower.
+    """
 
     space_file: str = "configs/search_space.yaml"
     trials: int = Field(8, ge=1, le=10000)
     budget_s: float | None = Field(900.0, gt=0, description="wall-clock budget of the search (null: none)")
-    max_epochs: int = Field(8, ge=1, le=1000, description="ASHA max_t, in epochs")
-    grace_period: int = Field(2, ge=1)
-    reduction_factor: int = Field(2, ge=2, le=10)
+    max_epochs: int | None = Field(None, ge=1, le=1000, description="ASHA max_t (the top rung), in epochs; null: sized")
+    grace_period: int | None = Field(None, ge=1, description="ASHA's first rung, in epochs; null: sized")
+    reduction_factor: int | None = Field(None, ge=2, le=10, description="ASHA's reduction factor; null: 2")
+    top_rung_fraction: float = Field(
+        0.5, gt=0, le=1, description="sized rungs: the top rung's share of full training's optimizer steps")
+    min_improvement: float = Field(
+        0.01, ge=0, description="the winner replaces the incumbent only if its top-rung dev WER is this much lower")
     max_concurrent: int = Field(2, ge=1, le=1024)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_failures: int = Field(2, ge=0, description="per-trial retries from its last checkpoint (spot preemption)")
     seed: int = 0
-    warm_start_top_k: int = Field(2, ge=0, le=50, description="best trials of earlier runs evaluated first")
+    warm_start_top_k: int = Field(2, ge=0, le=50, description="best trials of earlier runs evaluated after the incumbent")
+    n_startup_trials: int | None = Field(
+        None, ge=0, description="TPE's random start-up trials; null: sized to the trial budget")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo: no early stopping (a baseline)")
     sampler: Literal["tpe", "random"] = Field("tpe", description="random: Optuna's RandomSampler (a baseline)")
-    metric: Literal["dev_wer", "dev_cer", "dev_loss"] = Field(
-        "dev_wer", description="what ASHA and TPE minimize; dev_loss separates trials that all still output blanks"
-    )
-    ORDERED = (("grace_period", "max_epochs", False),)
+    metric: Literal["score", "dev_wer", "dev_cer", "dev_loss"] = Field(
+        "score", description="what ASHA and TPE minimize; score: dev WER (+ CER/1000) where the model decodes, "
+        "else 1 + dev loss/100, so trials that still output blanks are ordered by their loss")
+    fidelity_top_k: int = Field(
+        0, ge=0, le=20, description=">= 2: also train the top-k trials on the full pool and record the Spearman "
+        "correlation of proxy and full-training dev WER (costs k full trainings)")
+    fidelity_floor: float = Field(0.5, ge=-1, le=1, description="an alert is recorded when that correlation is below")
+
+    @model_validator(mode="after")
+    def _rungs(self) -> "SearchConfig":
+        if self.grace_period is not None and self.max_epochs is not None and self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) > max_epochs ({self.max_epochs})")
+        return self
 
     def space_path(self) -> Path:
         return project_path(self.space_file)

@@ -1,2 +1,2 @@
-"""The demo: the seeded corpus (its schedule and recordings: FSDD + eSpeak NG), speech
-synthesis and the in-process weekly runner."""
+"""The demo: the seeded corpus (its drop schedule, golden versions, eSpeak voices, recording
+conditions and recordings: FSDD + eSpeak NG), speech synthesis and the in-process weekly runner."""

@@ -2,10 +2,12 @@
 
 Utterances are digit sequences ("four one five") of ``demo.min_digits..demo.max_digits``
 digits, either concatenated from real recordings of the Free Spoken Digit Dataset (FSDD:
-one speaker per utterance, short pauses and a little background noise between digits) or
-spoken by eSpeak NG (:mod:`pipeline.demo.tts`) in several voices, rates and pitches. Who
-speaks when, and the leakage rules between drops and the golden set, are
-:mod:`pipeline.demo.schedule`; how an utterance sounds is :mod:`pipeline.demo.recordings`.
+one speaker per utterance, short pauses between digits) or spoken by eSpeak NG
+(:mod:`pipeline.demo.tts`) in many voices (:mod:`pipeline.demo.voices`: accents x variants,
+with their own rate, pitch, pitch range and word gap), each under a recording condition
+(:mod:`pipeline.demo.conditions`). Who speaks when in the drops, and the leakage rules, are
+:mod:`pipeline.demo.schedule`; the golden versions are :mod:`pipeline.demo.golden`; how an
+utterance sounds is :mod:`pipeline.demo.recordings`.
 
 On-store layout (keys relative to the store root)::
 
@@ -17,9 +19,10 @@ On-store layout (keys relative to the store root)::
 
 Manifest lines are NeMo-compatible JSON (keys sorted): ``audio_filepath`` (relative to the
 manifest's folder), ``duration`` (seconds, 3 decimals), ``text`` (normalized digit words),
-``speaker``, ``group`` (FSDD accent such as ``USA/neutral``, or ``synthetic``), ``utt_id``,
-``sha256`` (of the audio file's bytes), plus ``source`` (the FSDD recordings or the eSpeak
-voice settings that made it) and, in the golden set only, ``seen``. With
+``speaker``, ``group`` (FSDD accent such as ``USA/neutral``, or ``synthetic/{accent}``;
+``synthetic`` in golden v1), ``utt_id``, ``sha256`` (of the audio file's bytes), plus
+``source`` (the FSDD recordings or the eSpeak voice settings that made it), ``condition``
+(the recording condition; not in golden v1) and, in the golden set only, ``seen``. With
 ``defects_per_drop > 0`` each drop's manifest ends with records ingestion must quarantine
 (utt_id ``defect-{kind}-...``, kinds in :data:`DEFECT_KINDS`).
 
@@ -47,8 +50,8 @@ from tqdm import tqdm
 
 from pipeline.config import DemoConfig
 from pipeline.data.text import DIGIT_WORDS
+from pipeline.demo.golden import GOLDEN_SPEAKERS, default_size, golden_meta, plan_golden
 from pipeline.demo.recordings import (
-    GOLDEN_TAKES,
     CorpusError,
     Encoded,
     FsddRecordings,
@@ -57,19 +60,7 @@ from pipeline.demo.recordings import (
     render_speech,
     single_threaded_torch,
 )
-from pipeline.demo.schedule import (
-    DROP_SPEAKERS,
-    HELD_OUT_SPEAKERS,
-    HELD_OUT_VOICES,
-    SYNTHETIC_GROUP,
-    UtterancePlan,
-    WeekPlan,
-    drop_rng,
-    golden_rng,
-    plan_drop,
-    plan_golden,
-    plan_week,
-)
+from pipeline.demo.schedule import UtterancePlan, WeekPlan, drop_rng, plan_drop, plan_week
 from pipeline.demo.tts import SpeechRequest, synthesize_isolated
 from pipeline.storage import ObjectStore, join
 
@@ -85,11 +76,6 @@ DEFECT_KINDS: tuple[str, ...] = (
     "duration_mismatch",
     "duplicate_audio",
 )
-_ATTRIBUTION = (
-    "Contains recordings from the Free Spoken Digit Dataset (Zohar Jackson and contributors, "
-    "github.com/Jakobovski/free-spoken-digit-dataset), CC BY-SA 4.0, and speech synthesized "
-    "with eSpeak NG."
-)
 
 
 @dataclass
@@ -101,6 +87,7 @@ class _SetOutput:
     lines: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    conditions: Counter = field(default_factory=Counter)
     defects: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -109,12 +96,14 @@ def _speech_requests(plans: Sequence[UtterancePlan]) -> list[SpeechRequest]:
     """eSpeak requests for the synthetic utterances; commas sometimes make eSpeak pause."""
     requests = []
     for u in plans:
-        if u.voice is None:
+        v = u.voice
+        if v is None:
             continue
-        rng = np.random.default_rng(u.render_seed)
-        joiner = ", " if rng.random() < 0.3 else " "
-        words = joiner.join(DIGIT_WORDS[d] for d in u.digits)
-        requests.append(SpeechRequest(text=words, voice=u.voice, rate=u.rate, pitch=u.pitch, seed=u.render_seed))
+        words = (", " if v.commas else " ").join(DIGIT_WORDS[d] for d in u.digits)
+        requests.append(SpeechRequest(
+            text=words, voice=v.voice, rate=v.rate, pitch=v.pitch, seed=u.render_seed,
+            pitch_range=v.pitch_range, word_gap=v.word_gap, volume=v.volume,
+        ))
     return requests
 
 
@@ -142,6 +131,9 @@ def _add_utterance(out: _SetOutput, u: UtterancePlan, enc: Encoded) -> None:
     }
     if u.seen is not None:
         record["seen"] = u.seen
+    if u.condition is not None:
+        record["condition"] = u.condition
+        out.conditions[u.condition] += 1
     out.files.append((join(out.prefix, rel), enc.data))
     out.lines.append(_manifest_line(record))
     out.records.append(record)
@@ -160,9 +152,9 @@ def _render_set(
     k = 0
     for u in plans:
         if u.voice is None:
-            wave = render_fsdd(fsdd, u.speaker, u.digits, u.takes, u.render_seed, sample_rate)
+            wave = render_fsdd(fsdd, u.speaker, u.digits, u.takes, u.render_seed, sample_rate, u.condition)
         else:
-            wave = render_speech(synthesized[k], tts_rate, u.render_seed, sample_rate)
+            wave = render_speech(synthesized[k], tts_rate, u.render_seed, sample_rate, u.condition)
             k += 1
         _add_utterance(out, u, encode(wave, sample_rate, u.audio_format))
         bar.update(1)
@@ -180,7 +172,10 @@ def _salt_defects(
         utt_id = f"defect-{kind}-{drop_id}-{j:03d}"
         template = fsdd_plans[int(rng.integers(len(fsdd_plans)))]
         if template.voice is None:
-            wave = render_fsdd(fsdd, template.speaker, template.digits, template.takes, template.render_seed, sample_rate)
+            wave = render_fsdd(
+                fsdd, template.speaker, template.digits, template.takes, template.render_seed, sample_rate,
+                template.condition,
+            )
         else:  # a drop without FSDD utterances: a silent-ish stand-in is enough for a defect
             wave = rng.normal(0.0, 0.1, size=sample_rate)
         enc = encode(wave + rng.normal(0.0, 1e-3, size=wave.size), sample_rate, "wav")
@@ -235,30 +230,6 @@ def _write_set(store: ObjectStore, out: _SetOutput, pool: ThreadPoolExecutor) ->
     return manifest_key
 
 
-def _golden_meta(out: _SetOutput, version: str, seed: int, sample_rate: int, demo: DemoConfig) -> dict[str, Any]:
-    speakers: dict[str, dict[str, Any]] = {}
-    for r in out.records:
-        entry = speakers.setdefault(r["speaker"], {"group": r["group"], "seen": r["seen"], "utterances": 0})
-        entry["utterances"] += 1
-    seen = sum(1 for r in out.records if r["seen"])
-    return {
-        "attribution": _ATTRIBUTION,
-        "digits": [demo.min_digits, demo.max_digits],
-        "fsdd_takes": [GOLDEN_TAKES.start, GOLDEN_TAKES.stop - 1],
-        "held_out_speakers": list(HELD_OUT_SPEAKERS),
-        "held_out_voices": [f"espeak-{v}" for v in HELD_OUT_VOICES],
-        "sample_rate": sample_rate,
-        "seed": seed,
-        "seen_means": "the speaker or voice is in the drop schedule from week 2 on; held-out ones never are",
-        "seen_utterances": seen,
-        "speakers": speakers,
-        "synthetic_fraction": demo.synthetic_fraction,
-        "unseen_utterances": len(out.records) - seen,
-        "utterances": len(out.records),
-        "version": version,
-    }
-
-
 def _check_golden_unchanged(store: ObjectStore, prefix: str, manifest: bytes) -> None:
     key = join(prefix, "manifest.jsonl")
     if store.exists(key) and store.get_bytes(key) != manifest:
@@ -276,11 +247,14 @@ def _drop_summary(store: ObjectStore, plan: WeekPlan, out: _SetOutput, manifest_
         "prefix": out.prefix + "/",
         "manifest_uri": store.uri(manifest_key),
         "utterances": len(out.records),
-        "fsdd_utterances": sum(1 for r in out.records if r["group"] != SYNTHETIC_GROUP),
-        "synthetic_utterances": sum(1 for r in out.records if r["group"] == SYNTHETIC_GROUP),
+        "fsdd_utterances": sum(1 for r in out.records if not r["speaker"].startswith("espeak-")),
+        "synthetic_utterances": sum(1 for r in out.records if r["speaker"].startswith("espeak-")),
         "speakers": dict(sorted(speakers.items())),
         "fsdd_speakers": list(plan.speakers),
-        "voices": list(plan.voices),
+        "accents": list(plan.accents),
+        "voice_variants": len(plan.variants),
+        "voices_used": sum(1 for s in speakers if s.startswith("espeak-")),
+        "conditions": dict(sorted(out.conditions.items())),
         "formats": dict(sorted(out.formats.items())),
         "defects": sum(out.defects.values()),
         "defect_kinds": dict(sorted(out.defects.items())),
@@ -296,16 +270,21 @@ def build_demo_corpus(
     weeks: int | None = None,
     seed: int | None = None,
     defects_per_drop: int | None = None,
+    golden_utterances: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``weeks`` weekly drops under ``incoming/`` and the golden set under ``golden/``.
+    """Write ``weeks`` weekly drops under ``incoming/`` and golden set ``demo.golden_version``
+    under ``golden/``.
 
     ``weeks``, ``seed`` and ``defects_per_drop`` override the ``demo`` fields of the same
-    name. Existing drops of the same ids are replaced; an existing golden version is left
-    as it is when identical and refused (:class:`CorpusError`) when it would change.
-    Raises :class:`FsddNotFoundError` when ``demo.fsdd_dir`` holds no usable FSDD copy.
-    Returns a JSON-able summary: the drops (ids, URIs, counts, speakers, voices, formats,
-    defects) and the golden set (version, URIs, seen/unseen counts).
+    name; ``golden_utterances`` overrides the golden version's size (v1:
+    ``demo.golden_utterances``; v2: its recipe's, :data:`pipeline.demo.golden.V2_UTTERANCES`,
+    scaled in proportion). Existing drops of the same ids are replaced; an existing golden
+    version is left as it is when identical and refused (:class:`CorpusError`) when it would
+    change. Raises :class:`CorpusError` for an unknown golden version and
+    :class:`FsddNotFoundError` when ``demo.fsdd_dir`` holds no usable FSDD copy.
+    Returns a JSON-able summary: the drops (ids, URIs, counts, speakers, accents, conditions,
+    formats, defects) and the golden set (version, URIs, seen/unseen counts, composition).
     """
     started = time.monotonic()
     weeks = demo.weeks if weeks is None else weeks
@@ -315,8 +294,10 @@ def build_demo_corpus(
         raise CorpusError(f"weeks must be >= 1, got {weeks}")
     if defects_per_drop < 0:
         raise CorpusError(f"defects_per_drop must be >= 0, got {defects_per_drop}")
-    fsdd = FsddRecordings(demo.fsdd_path(), sample_rate, DROP_SPEAKERS + HELD_OUT_SPEAKERS)
-    golden_plans = plan_golden(demo, demo.golden_version, demo.golden_utterances, fsdd, golden_rng(seed))
+    version = demo.golden_version
+    size = default_size(version, demo) if golden_utterances is None else golden_utterances
+    fsdd = FsddRecordings(demo.fsdd_path(), sample_rate, GOLDEN_SPEAKERS)
+    golden_plans = plan_golden(version, demo, size, fsdd, seed)
     week_plans = [plan_week(w) for w in range(1, weeks + 1)]
     drop_rngs = [drop_rng(seed, p.week) for p in week_plans]
     drop_plans = [
@@ -360,7 +341,7 @@ def _build_golden(
     golden = _render_set(plans, speech, fsdd, sample_rate, prefix, bar)
     _check_golden_unchanged(store, prefix, "".join(golden.lines).encode("utf-8"))
     manifest_key = _write_set(store, golden, writers)
-    meta = _golden_meta(golden, version, seed, sample_rate, demo)
+    meta = golden_meta(version, golden.records, seed, sample_rate, demo)
     meta_key = join(prefix, "meta.json")
     store.put_text(meta_key, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {
@@ -373,6 +354,8 @@ def _build_golden(
         "unseen_utterances": meta["unseen_utterances"],
         "held_out_speakers": meta["held_out_speakers"],
         "held_out_voices": meta["held_out_voices"],
+        "conditions": dict(sorted(golden.conditions.items())),
+        "min_group_utterances": meta.get("min_group_utterances"),
     }
 
 

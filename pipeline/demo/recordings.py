@@ -3,11 +3,14 @@
 An FSDD utterance joins one speaker's recordings of its digits (from the Free Spoken Digit
 Dataset, read lazily and converted to the corpus sample rate) with short pauses; a
 synthetic one is eSpeak's waveform (:mod:`pipeline.demo.tts`) trimmed of its silent ends.
-Both get lead and trail silence, a random peak level and low background noise
-(:func:`pad_and_level`), and are encoded as 16-bit WAV or FLAC (:func:`encode`), at the
-corpus rate or in the variants ingestion must convert (another rate, stereo). Every
-random choice comes from the utterance's own render seed, so its bytes depend on nothing
-else; resampling keeps one cached kernel per rate pair (:func:`pipeline.data.audio.resample`).
+Both get lead and trail silence and then their recording condition
+(:func:`pipeline.demo.conditions.apply_condition`: level, digital silence or a noise floor,
+DC offset); golden v1's utterances, which have no condition, keep their original sound
+(:func:`pad_and_level`: a random peak level and low background noise). They are encoded as
+16-bit WAV or FLAC (:func:`encode`), at the corpus rate or in the variants ingestion must
+convert (another rate, stereo). Every random choice comes from the utterance's own render
+seed, so its bytes depend on nothing else; resampling keeps one cached kernel per rate pair
+(:func:`pipeline.data.audio.resample`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from pipeline.data.audio import resample
+from pipeline.demo.conditions import apply_condition
 
 GOLDEN_TAKES: range = range(0, 5)  # the FSDD test convention
 DROP_TAKES: range = range(5, 50)
@@ -108,11 +112,16 @@ def single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def pad_and_level(speech: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """Add lead/trail silence, scale to a random peak and add low background noise."""
+def pad(speech: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """``speech`` as float64 between random lead and trail silences (exact zeros)."""
     lead = np.zeros(int(rng.uniform(*_LEAD_S) * sample_rate), dtype=np.float64)
     trail = np.zeros(int(rng.uniform(*_LEAD_S) * sample_rate), dtype=np.float64)
-    x = np.concatenate([lead, speech.astype(np.float64), trail])
+    return np.concatenate([lead, speech.astype(np.float64), trail])
+
+
+def pad_and_level(speech: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Golden v1's sound: add lead/trail silence, scale to a random peak and add low background noise."""
+    x = pad(speech, sample_rate, rng)
     peak = float(np.abs(x).max())
     if peak > 0:
         x *= rng.uniform(*_PEAK) / peak
@@ -121,27 +130,41 @@ def pad_and_level(speech: np.ndarray, sample_rate: int, rng: np.random.Generator
     return x
 
 
+def _record(speech: np.ndarray, sample_rate: int, rng: np.random.Generator, condition: str | None) -> np.ndarray:
+    if condition is None:
+        return pad_and_level(speech, sample_rate, rng)
+    return apply_condition(pad(speech, sample_rate, rng), sample_rate, condition, rng)
+
+
 def render_fsdd(
-    fsdd: FsddRecordings, speaker: str, digits: Sequence[int], takes: Sequence[int], render_seed: int, sample_rate: int
+    fsdd: FsddRecordings, speaker: str, digits: Sequence[int], takes: Sequence[int], render_seed: int, sample_rate: int,
+    condition: str | None = None,
 ) -> np.ndarray:
-    """One speaker's recordings of ``digits`` (one take each) joined with random pauses, levelled."""
+    """One speaker's recordings of ``digits`` (one take each, its DC removed) joined with random
+    pauses (exact zeros), recorded under ``condition`` (``None``: golden v1's :func:`pad_and_level`,
+    recordings as they are)."""
     rng = np.random.default_rng(render_seed)
     parts: list[np.ndarray] = []
     for k, (digit, take) in enumerate(zip(digits, takes, strict=True)):
         if k:
             parts.append(np.zeros(int(rng.uniform(*_PAUSE_S) * sample_rate), dtype=np.float32))
-        parts.append(fsdd.recording(digit, speaker, take))
-    return pad_and_level(np.concatenate(parts), sample_rate, rng)
+        recording = fsdd.recording(digit, speaker, take)
+        # FSDD files carry their own DC offset (up to ~4 % of full scale); only the dc_offset condition should.
+        parts.append(recording if condition is None else recording - recording.mean())
+    return _record(np.concatenate(parts), sample_rate, rng, condition)
 
 
-def render_speech(samples: np.ndarray, tts_rate: int, render_seed: int, sample_rate: int) -> np.ndarray:
-    """eSpeak's samples trimmed of their silent ends, at the corpus rate, levelled."""
+def render_speech(
+    samples: np.ndarray, tts_rate: int, render_seed: int, sample_rate: int, condition: str | None = None
+) -> np.ndarray:
+    """eSpeak's samples trimmed of their silent ends, at the corpus rate, recorded under
+    ``condition`` (``None``: golden v1's :func:`pad_and_level`)."""
     rng = np.random.default_rng(render_seed + 1)
     loud = np.nonzero(np.abs(samples) > 0.02 * float(np.abs(samples).max()))[0]
     margin = int(0.01 * tts_rate)
     if loud.size:
         samples = samples[max(0, loud[0] - margin) : loud[-1] + margin]
-    return pad_and_level(resample(samples, tts_rate, sample_rate, cache_kernel=True), sample_rate, rng)
+    return _record(resample(samples, tts_rate, sample_rate, cache_kernel=True), sample_rate, rng, condition)
 
 
 @dataclass

@@ -11,8 +11,9 @@ engine through it. Across processes prefer :func:`synthesize_isolated` (a forked
 would inherit the parent's engine state).
 
 Voices are eSpeak names with an optional variant, e.g. ``en+f3``, ``en-us+m3``,
-``en-gb-x-rp+m7``; ``rate`` is in words per minute (80..450, default 175) and ``pitch``
-is 0..100 (default 50).
+``en-gb-x-rp+m7``; ``rate`` is in words per minute (80..450, default 175), ``pitch`` and
+``pitch_range`` are 0..100 (default 50), ``word_gap`` is an extra pause between words in
+10 ms units (default 0) and ``volume`` the amplitude, 0..200 (default 100).
 
 Repeatability: eSpeak NG's waveform generator keeps state from one call to the next
 (pitch-flutter phase, automatic gain, echo buffer; none of it can be reset through the
@@ -49,11 +50,14 @@ _EE_OK = 0
 _RATE = 1
 _VOLUME = 2
 _PITCH = 3
+_RANGE = 4
+_WORDGAP = 7
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 MIN_RATE, MAX_RATE = 80, 450
 MIN_PITCH, MAX_PITCH = 0, 100
+MAX_VOLUME = 200
 
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
@@ -71,6 +75,9 @@ class SpeechRequest:
     rate: int = 175
     pitch: int = 50
     seed: int = 0
+    pitch_range: int = 50
+    word_gap: int = 0
+    volume: int = 100
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Engine:
     sample_rate: int
     callback: object  # keeps the ctypes callback alive as long as the engine
     chunks: list[np.ndarray]
+    variants: frozenset[str]  # the bundled voice variants (voices/!v); eSpeak ignores an unknown one silently
 
 
 _lock = threading.Lock()
@@ -134,7 +142,9 @@ def _load_engine() -> _Engine:
 
     callback = _SynthCallback(collect)
     lib.espeak_SetSynthCallback(callback)
-    return _Engine(lib=lib, sample_rate=sample_rate, callback=callback, chunks=chunks)
+    variant_dir = Path(data_path) / "voices" / "!v"
+    variants = frozenset(p.name for p in variant_dir.iterdir()) if variant_dir.is_dir() else frozenset()
+    return _Engine(lib=lib, sample_rate=sample_rate, callback=callback, chunks=chunks, variants=variants)
 
 
 def _get_engine() -> _Engine:
@@ -145,7 +155,8 @@ def _get_engine() -> _Engine:
 
 
 def synthesize(
-    text: str, voice: str = "en", rate: int = 175, pitch: int = 50, seed: int = 0
+    text: str, voice: str = "en", rate: int = 175, pitch: int = 50, seed: int = 0, *,
+    pitch_range: int = 50, word_gap: int = 0, volume: int = 100,
 ) -> tuple[np.ndarray, int]:
     """Speak ``text`` with an eSpeak NG ``voice``; return mono float32 samples in [-1, 1) and their rate.
 
@@ -161,13 +172,21 @@ def synthesize(
         raise TtsError(f"rate {rate} outside {MIN_RATE}..{MAX_RATE} words per minute")
     if not MIN_PITCH <= pitch <= MAX_PITCH:
         raise TtsError(f"pitch {pitch} outside {MIN_PITCH}..{MAX_PITCH}")
+    if not MIN_PITCH <= pitch_range <= MAX_PITCH:
+        raise TtsError(f"pitch_range {pitch_range} outside {MIN_PITCH}..{MAX_PITCH}")
+    if word_gap < 0 or not 0 <= volume <= MAX_VOLUME:
+        raise TtsError(f"word_gap {word_gap} must be >= 0 and volume {volume} within 0..{MAX_VOLUME}")
     with _lock:
         engine = _get_engine()
         lib = engine.lib
+        variant = voice.partition("+")[2]
+        if variant and variant not in engine.variants:
+            raise TtsError(f"unknown eSpeak NG voice variant {variant!r} in {voice!r} (e.g. m1..m8, f1..f5, klatt)")
         if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
             raise TtsError(f"unknown eSpeak NG voice {voice!r} (use e.g. 'en+f3', 'en-us+m3')")
         # Set every parameter on every call: eSpeak keeps them globally between calls.
-        for param, value in ((_RATE, rate), (_PITCH, pitch), (_VOLUME, 100)):
+        settings = ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range), (_WORDGAP, word_gap), (_VOLUME, volume))
+        for param, value in settings:
             if lib.espeak_SetParameter(param, int(value), 0) != _EE_OK:
                 raise TtsError(f"eSpeak NG rejected parameter {param}={value}")
         lib.espeak_ng_SetRandSeed(seed)
@@ -191,10 +210,11 @@ def synthesize_batch(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray
     out: list[np.ndarray] = []
     sample_rate = 0
     for r in requests:
-        samples, sample_rate = synthesize(r.text, r.voice, r.rate, r.pitch, r.seed)
+        samples, sample_rate = synthesize(
+            r.text, r.voice, r.rate, r.pitch, r.seed, pitch_range=r.pitch_range, word_gap=r.word_gap, volume=r.volume
+        )
         out.append(samples)
     return out, sample_rate
-
 
 
 def synthesize_isolated(requests: Sequence[SpeechRequest]) -> tuple[list[np.ndarray], int]:
