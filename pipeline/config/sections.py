@@ -88,7 +88,7 @@ class FeatureConfig(Section):
     hop_ms: float = Field(10.0, gt=0)
     level: Literal["none", "rms"] = "rms"
     dither_db: float | None = Field(-60.0, le=0, description="dither level re the utterance's RMS (dB); null = off")
-    normalize: Literal["global", "utterance", "sliding"] = "utterance"
+    normalize: Literal["global", "utterance", "sliding"] = "global"  # the best of the three in make quality (README)
     cmn_window: int = Field(300, ge=10, le=10000, description="frames of the sliding-window mean (normalize: sliding)")
     shard_utterances: int = Field(512, ge=1)
     workers: int = Field(0, ge=0, description="0 = one per core")
@@ -234,7 +234,7 @@ class SearchConfig(Section):
     sampler: Literal["tpe", "random"] = Field("tpe", description="random: Optuna's RandomSampler (a baseline)")
     metric: Literal["score", "dev_wer", "dev_cer", "dev_loss"] = Field(
         "score", description="what ASHA and TPE minimize; score: dev WER (+ CER/1000) where the model decodes, "
-        "else 1 + dev loss/100, so trials that still output blanks are ordered by their loss")
+        "else 1.01 + loss/(loss + 100), so trials that still output only blanks are ordered by their CTC loss")
     fidelity_top_k: int = Field(
         0, ge=0, le=20, description=">= 2: also train the top-k trials on the full pool and record the Spearman "
         "correlation of proxy and full-training dev WER (costs k full trainings)")

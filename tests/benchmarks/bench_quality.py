@@ -12,10 +12,15 @@ prints one JSON object per variant and a summary: WER overall, per cohort (seen/
 per recording condition and per speaker.
 
 Variants: ``a`` today's front end (no level normalization, no dither, pool statistics
-only), no augmentation; ``b`` the robust front end (RMS level, dither, per-utterance mean
-normalization), no augmentation; ``b_sliding`` / ``b_global`` the robust front end with the
-other mean-normalization choices; ``c_<aug>`` ``b`` plus one augmentation (``specaug``,
-``gain``, ``speed``, ``noise``, ``vtlp``); ``d`` ``b`` plus all of them.
+only), no augmentation; ``b`` the robust front end (RMS level, dither, the pool's
+statistics: the best of the three mean-normalization choices), no augmentation;
+``b_utterance`` / ``b_sliding`` the robust front end with per-utterance or sliding-window
+mean normalization instead; ``c_<aug>`` ``b`` plus one augmentation (``specaug``, ``gain``,
+``speed``, ``noise``, ``vtlp``); ``d`` ``b`` plus all of them.
+
+A finished variant's result is kept under ``results/`` of the work folder, keyed by a
+hash of everything it depends on (its whole configuration, the epochs, the golden set),
+so a rerun trains only what changed.
 """
 
 from __future__ import annotations
@@ -49,12 +54,12 @@ def variants(config: Config) -> dict[str, dict[str, Any]]:
     specaug = {k: getattr(config.model, k) for k in ("time_masks", "time_mask_width", "freq_masks", "freq_mask_width")}
     if not specaug["time_masks"] and not specaug["freq_masks"]:
         specaug = {"time_masks": 2, "time_mask_width": 10, "freq_masks": 2, "freq_mask_width": 8}
-    robust = {"level": "rms", "dither_db": -60.0, "normalize": "utterance"}
+    robust = {"level": "rms", "dither_db": -60.0, "normalize": "global"}
     out: dict[str, dict[str, Any]] = {
         "a": {"features": PLAIN_FRONTEND, "augment": NO_AUGMENT, "model": NO_SPECAUG},
         "b": {"features": robust, "augment": NO_AUGMENT, "model": NO_SPECAUG},
+        "b_utterance": {"features": {**robust, "normalize": "utterance"}, "augment": NO_AUGMENT, "model": NO_SPECAUG},
         "b_sliding": {"features": {**robust, "normalize": "sliding"}, "augment": NO_AUGMENT, "model": NO_SPECAUG},
-        "b_global": {"features": {**robust, "normalize": "global"}, "augment": NO_AUGMENT, "model": NO_SPECAUG},
         "c_specaug": {"features": robust, "augment": NO_AUGMENT, "model": specaug},
         "c_vtlp": {"features": robust, "augment": {"copies": 0, "vtlp": 0.1}, "model": NO_SPECAUG},
     }
@@ -72,6 +77,16 @@ def _variant_config(config: Config, spec: dict[str, Any], epochs: int) -> Config
     data["train"].update({"epochs": epochs, "num_workers": 1})
     data["storage"]["root"] = str(WORK / "store")
     return Config.model_validate(data)
+
+
+def result_key(config: Config, epochs: int, golden: str) -> str:
+    """What a variant's result depends on: its configuration (the store root aside), epochs, golden set."""
+    import hashlib
+
+    data = config.model_dump(mode="json")
+    data["storage"].pop("root")
+    text = json.dumps({"config": data, "epochs": epochs, "golden": golden}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepare_corpus(config: Config) -> str:
@@ -177,11 +192,23 @@ def main() -> int:
         jobs[name] = (config, prepare_features(config, name))
     print(json.dumps({"prepared_s": round(time.perf_counter() - started, 1), "golden": golden}), flush=True)
     results = []
+    todo = {}
+    for name, (config, run_id) in jobs.items():
+        cached = WORK / "results" / f"{name}-{result_key(config, args.epochs, golden)}.json"
+        if cached.exists():
+            results.append(json.loads(cached.read_text()))
+            print(json.dumps({**results[-1], "cached": True}, sort_keys=True), flush=True)
+        else:
+            todo[name] = (config, run_id, cached)
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_and_score, n, c.model_dump(mode="json"), r, golden, str(WORK)): n for n, (c, r) in jobs.items()}
+        futures = {pool.submit(train_and_score, n, c.model_dump(mode="json"), r, golden, str(WORK)): (n, path)
+                   for n, (c, r, path) in todo.items()}
         for future in cf.as_completed(futures):
             row = future.result()
             results.append(row)
+            path = futures[future][1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, sort_keys=True))
             print(json.dumps(row, sort_keys=True), flush=True)
     results.sort(key=lambda r: chosen.index(r["variant"]))
     best = min(results, key=lambda r: r["wer"]["overall"])
