@@ -1,4 +1,9 @@
-"""Runs every benchmark in tests/benchmarks/ (``make bench``); each prints JSON lines."""
+"""Runs every benchmark in tests/benchmarks/ (``make bench``); each prints JSON lines.
+
+Among them ``bench_gate.py``, the gate's calibration: it trains two seeds of the configured
+model once (cached under ``.asr-retune/bench/gate/``), measures the gate's pass rates by
+simulation and writes them to ``configs/gate-calibration.json`` for the report's footer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage ``gate``: candidate vs production on the golden set (rules, stage, report)."""
+"""Stage ``gate``: candidate vs production on the golden set (rules, groups, stage, report, charts, calibration)."""
 
 from pipeline.stages.gate.rules import check_force, failing_rules
 from pipeline.stages.gate.stage import gate, read_decision

@@ -2,13 +2,15 @@
 
 Written by the gate stage to ``runs/{run_id}/gate/report.html`` and ``report.md``. Top to
 bottom: the decision in big letters with the failing rules and what to do next, the rule
-table, per-group WER (candidate vs production), the ΔWER bootstrap distribution, the
-utterances whose errors changed most (reference and both hypotheses), the head of the
-search leaderboard and the training curves. The pages are the Jinja2 templates in
-``templates/`` (``report.html.j2`` with its style sheet ``report.css.j2``, and
-``report.md.j2``); this module computes what they show. Charts are drawn with
-matplotlib's object-oriented API (no pyplot, no global backend) as inline SVG: the file
-opens offline.
+table, what the golden set can and cannot detect, per-group ΔWER with its Holm-adjusted
+interval and verdict (a forest plot and a table) and per-group WER, the ΔWER bootstrap
+distribution (blockwise, with the utterance-level one beside it), the utterances whose
+errors changed most (reference and both hypotheses), the head of the search leaderboard
+and the training curves; the footer quotes the gate's calibrated pass rates for the golden
+version (:mod:`pipeline.stages.gate.calibration`). The pages are the Jinja2 templates in
+``templates/`` (``report.html.j2`` with ``report.css.j2`` and ``forest.svg.j2``, and
+``report.md.j2``); this module computes what they show, :mod:`pipeline.stages.gate.charts`
+draws the charts as inline SVG: the file opens offline.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import html
-import io
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +27,8 @@ from typing import Any
 import jinja2
 
 from pipeline.asr.metrics import UttScore, format_pct, format_points
+from pipeline.stages.gate.charts import bootstrap_chart, forest_plot, group_chart, is_number, training_chart
 
-MAX_GROUPS_IN_CHART = 40
 _PREFERRED_LEADERBOARD = ("trial_id", "status", "best_dev_wer", "last_dev_wer", "epochs", "metric", "best_metric",
                          "stop_reason")
 RULE_TITLES = {
@@ -37,8 +37,8 @@ RULE_TITLES = {
     "rtf_budget": "Real-time factor within budget",
     "group_wer_ceiling": "Every group's WER under the ceiling",
     "coverage": "Scored on the whole golden set",
-    "delta_wer": "ΔWER vs production (CI upper bound)",
-    "worst_group": "Worst group ΔWER (CI upper bound)",
+    "delta_wer": "ΔWER vs production (blockwise CI)",
+    "worst_group": "No group with evidence of regression (Holm-adjusted)",
 }
 
 
@@ -47,12 +47,13 @@ class ReportInputs:
     decision: dict[str, Any]
     candidate: Sequence[UttScore]
     production: Sequence[UttScore] | None
-    bootstrap_samples: Sequence[float] = ()
+    bootstrap_samples: Sequence[float] = ()  # blockwise (the rule's)
     leaderboard: list[dict[str, Any]] | None = None
     history: list[dict[str, Any]] | None = None
     top_utts: int = 15
     leaderboard_rows: int = 10
     notes: list[str] = field(default_factory=list)
+    utterance_samples: Sequence[float] = ()  # utterance-level, shown beside it
 
 
 def render_html(inp: ReportInputs) -> str:
@@ -60,9 +61,11 @@ def render_html(inp: ReportInputs) -> str:
     ctx = _context(inp)
     ctx["charts"] = {
         "groups": group_chart(inp.decision.get("groups", [])),
-        "bootstrap": bootstrap_chart(inp.bootstrap_samples, inp.decision),
+        "bootstrap": bootstrap_chart(inp.bootstrap_samples, inp.decision, inp.utterance_samples),
         "training": training_chart(ctx["history"]),
     }
+    ctx["forest"] = forest_plot(inp.decision.get("groups", []),
+                                (inp.decision.get("config") or {}).get("group_tolerance", 0.0))
     return _environment().get_template("report.html.j2").render(ctx)
 
 
@@ -101,11 +104,66 @@ def _context(inp: ReportInputs) -> dict[str, Any]:
         "epochs": [r for r in (inp.history or []) if is_number(r.get("epoch"))],
         "notes": inp.notes,
         "held_out": list(meta.get("held_out_speakers") or []) + list(meta.get("held_out_voices") or []),
+        "utt_boot": d.get("bootstrap_utterance") or {},
+        "detect": d.get("detectability"),
+        "calibration": calibration_lines(d.get("calibration")),
+        "verdict_counts": _verdict_counts(d.get("groups", [])),
     }
 
 
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _verdict_counts(groups: Sequence[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for g in groups:
+        if g.get("verdict"):
+            out[g["verdict"]] = out.get(g["verdict"], 0) + 1
+    return out
+
+
+SCENARIOS = {
+    "copy": "a copy of production (retrained: the noise of retraining)",
+    "better_2pts": "uniformly 2 points better",
+    "worse_10pts_one_speaker": "10 points worse on one speaker",
+    "worse_1pt": "1 point worse overall",
+}
+
+
+def calibration_lines(cal: dict[str, Any] | None) -> dict[str, Any]:
+    """What the footer says about the gate's calibration for this golden version."""
+    if not cal or cal.get("status") != "calibrated":
+        reason = (cal or {}).get("reason", "no calibration was read")
+        return {"calibrated": False, "text": f"not calibrated for this golden version ({reason})", "rows": []}
+    entry = cal["entry"]
+    rows = []
+    for key, title in SCENARIOS.items():
+        rates = (entry.get("pass_rates") or {}).get(key) or {}
+        rows.append({"title": title, "non_regression": _rate(rates.get("non-regression")),
+                     "improve": _rate(rates.get("improve"))})
+    text = (f"golden {entry.get('golden_version')}, {entry.get('replicates')} synthetic candidates per case, "
+            f"measured {entry.get('measured_at')} by {entry.get('command', 'tests/benchmarks/bench_gate.py')}")
+    pair = entry.get("retrain_pair") or {}
+    if is_number(pair.get("se_blockwise")):
+        text += (f"; between its two retrained models ΔWER had a standard error of {100 * pair['se_blockwise']:.2f} pts "
+                 f"(blockwise; {100 * pair.get('se_utterance', float('nan')):.2f} utterance-level)")
+    if not cal.get("config_matches"):
+        text += "; measured with other gate settings than this run's (see the calibration file)"
+    return {"calibrated": True, "text": text, "rows": rows}
+
+
+def _rate(x: Any) -> str:
+    return f"{100 * x:.0f} %" if is_number(x) else "n/a"
+
+
+def group_verdict(g: dict[str, Any]) -> str:
+    """The verdict cell: ``regression``, ``no evidence of regression``, ``too small to tell (detects >= x pts)``."""
+    verdict = g.get("verdict") or ""
+    if verdict == "too small to tell":
+        mde = g.get("mde")
+        return f"too small to tell (detects ≥ {100 * mde:.1f} pts)" if is_number(mde) else "too small to tell"
+    if verdict == "missing":
+        return f"FAIL: {g.get('note') or 'missing'}"
+    if verdict == "not compared" or not verdict:
+        return g.get("note") or "—"
+    return verdict
 
 
 def _fmt(v: Any) -> str:
@@ -133,7 +191,14 @@ def rule_value(rule: dict[str, Any], key: str = "value") -> str:
 
 
 def _group_ci(g: dict[str, Any]) -> str:
-    return f"[{format_points(g['ci_low'])}, {format_points(g['ci_high'])}]" if is_number(g.get("ci_high")) else "—"
+    if not is_number(g.get("ci_high")) or not is_number(g.get("ci_low")):
+        return "—"
+    conf = f" ({100 * g['confidence']:.2f}%)" if is_number(g.get("confidence")) else ""
+    return f"[{format_points(g['ci_low'])}, {format_points(g['ci_high'])}]{conf}"
+
+
+def _mde(v: Any) -> str:
+    return f"≥ {100 * v:.1f} pts" if is_number(v) else "n/a"
 
 
 def verdict(decision: dict[str, Any]) -> tuple[str, str]:
@@ -246,131 +311,9 @@ def _environment() -> jinja2.Environment:
         "rule_value": rule_value,
         "rule_title": lambda name: RULE_TITLES.get(name, ""),
         "group_ci": _group_ci,
+        "verdict": group_verdict,
+        "mde": _mde,
         "word_diff": lambda u: word_diff_html(u.reference, u.hypothesis),  # HTML: shown with |safe
         "md": _md,
     })
     return env
-
-
-# --------------------------------------------------------------------------- charts (inline SVG)
-
-
-def _svg(fig: Any) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    text = buf.getvalue()
-    start = text.find("<svg")
-    return text[start:] if start >= 0 else text
-
-
-def _figure(w: float, h: float) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=100)
-    fig.patch.set_facecolor("white")
-    return fig
-
-
-def group_chart(groups: Sequence[dict[str, Any]]) -> str | None:
-    shown = [g for g in groups if is_number(g.get("candidate_wer"))]
-    if not shown:
-        return None
-    checked = sorted([g for g in shown if g.get("checked")], key=lambda g: -(g["delta"] if is_number(g.get("delta")) else -1))
-    rest = [g for g in shown if not g.get("checked")]
-    shown = (checked + rest)[:MAX_GROUPS_IN_CHART]
-    shown = list(reversed(shown))  # barh draws bottom-up
-    has_prod = any(is_number(g.get("production_wer")) for g in shown)
-    n = len(shown)
-    fig = _figure(8.5, 0.42 * n + 1.1)
-    ax = fig.add_subplot(1, 1, 1)
-    y = list(range(n))
-    h = 0.38 if has_prod else 0.6
-    cand = [100 * g["candidate_wer"] for g in shown]
-    if has_prod:
-        prod = [100 * g["production_wer"] if is_number(g.get("production_wer")) else 0 for g in shown]
-        ax.barh([i + h / 2 for i in y], prod, height=h, color="#9aa5b1", label="production")
-        ax.barh([i - h / 2 for i in y], cand, height=h, color="#2563eb", label="candidate")
-    else:
-        ax.barh(y, cand, height=h, color="#2563eb", label="candidate")
-    top = max(cand + ([100 * g["production_wer"] for g in shown if is_number(g.get("production_wer"))] if has_prod else []))
-    for i, g in enumerate(shown):
-        x = 100 * g["candidate_wer"]
-        ax.text(x + top * 0.01, i - (h / 2 if has_prod else 0), f"{x:.1f}%", va="center", fontsize=8, color="#1e3a8a")
-    labels = []
-    for g in shown:
-        mark = " ✗" if g.get("passed") is False else ""
-        labels.append(f"{g['key']} (n={g['n_utts']}){mark}")
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=9)
-    for tick, g in zip(ax.get_yticklabels(), shown):
-        if g.get("passed") is False:
-            tick.set_color("#b91c1c")
-            tick.set_fontweight("bold")
-    ax.set_xlabel("WER (%)")
-    ax.set_xlim(0, top * 1.15 if top > 0 else 1)
-    ax.grid(axis="x", color="#e5e7eb")
-    ax.set_axisbelow(True)
-    for s in ("top", "right"):
-        ax.spines[s].set_visible(False)
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
-    return _svg(fig)
-
-
-def bootstrap_chart(samples: Sequence[float], decision: dict[str, Any]) -> str | None:
-    boot = decision.get("bootstrap") or {}
-    rule = next((r for r in decision.get("rules", []) if r["name"] == "delta_wer"), None)
-    vals = [100 * s for s in samples if is_number(s)]
-    if not vals or rule is None:
-        return None
-    fig = _figure(8.5, 3.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.hist(vals, bins=min(60, max(10, len(set(vals)))), color="#93c5fd", edgecolor="#60a5fa")
-    thr = 100 * rule["threshold"]
-    lo, hi = min(vals + [thr, 0.0]), max(vals + [thr, 0.0])
-    pad = (hi - lo) * 0.08 or 0.5
-    ax.axvspan(lo - pad, thr, color="#dcfce7", zorder=0, label=f"pass region (upper ≤ {thr:+.2f})")
-    ax.axvline(0, color="#374151", lw=1)
-    ax.axvline(thr, color="#b91c1c", lw=1.5, ls="--", label=f"threshold {thr:+.2f} pts")
-    if is_number(boot.get("ci_low")) and is_number(boot.get("ci_high")):
-        ax.axvline(100 * boot["ci_low"], color="#1d4ed8", lw=1.2, ls=":")
-        conf = 100 * boot.get("confidence", 0.95)
-        ax.axvline(100 * boot["ci_high"], color="#1d4ed8", lw=1.5, ls=":",
-                   label=f"{conf:.0f}% CI [{100 * boot['ci_low']:+.2f}, {100 * boot['ci_high']:+.2f}]")
-    if is_number(boot.get("delta")):
-        ax.axvline(100 * boot["delta"], color="#1d4ed8", lw=2, label=f"ΔWER {100 * boot['delta']:+.2f} pts")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_xlabel("ΔWER = candidate − production (percentage points; negative = candidate better)")
-    ax.set_ylabel("resamples")
-    for s in ("top", "right"):
-        ax.spines[s].set_visible(False)
-    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _svg(fig)
-
-
-def training_chart(history: Sequence[dict[str, Any]]) -> str | None:
-    rows = [r for r in history if is_number(r.get("epoch"))]
-    if not rows:
-        return None
-    fig = _figure(8.5, 3.0)
-    ax = fig.add_subplot(1, 1, 1)
-    epochs = [r["epoch"] for r in rows]
-    drew = False
-    if any(is_number(r.get("train_loss")) for r in rows):
-        ax.plot(epochs, [r.get("train_loss") if is_number(r.get("train_loss")) else float("nan") for r in rows],
-                color="#6b7280", marker="o", ms=3, label="train loss")
-        ax.set_ylabel("train loss")
-        drew = True
-    ax2 = ax.twinx()
-    if any(is_number(r.get("dev_wer")) for r in rows):
-        ax2.plot(epochs, [100 * r["dev_wer"] if is_number(r.get("dev_wer")) else float("nan") for r in rows],
-                 color="#2563eb", marker="o", ms=3, label="dev WER (%)")
-        ax2.set_ylabel("dev WER (%)", color="#2563eb")
-        drew = True
-    if not drew:
-        return None
-    ax.set_xlabel("epoch")
-    ax.grid(color="#e5e7eb")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, frameon=False, loc="upper right")
-    return _svg(fig)

@@ -10,12 +10,32 @@ the store or MLflow, so every rule is tested on synthetic scores.
   >= ``min_group_utts`` utterances <= ``max_group_wer``);
 * relative to production (skipped on a cold start, which the decision and report say):
   ``coverage`` (the candidate was scored on every utterance production was),
-  ``delta_wer`` (paired bootstrap CI of candidate - production WER, resampling utterances;
-  ``improve`` mode passes if the upper bound <= -``min_improvement``, ``non-regression``
-  mode if it is <= +``tolerance``) and ``worst_group`` (for every speaker, accent group and
-  seen/unseen cohort with >= ``min_group_utts`` utterances, the upper bound of that group's
-  paired-bootstrap ΔWER <= ``group_tolerance``; a group production had that the candidate
-  lacks, or a NaN group WER, fails).
+  ``delta_wer`` and ``worst_group``.
+
+``delta_wer``: ΔWER = WER(candidate) − WER(production) with its paired *blockwise*
+bootstrap interval at ``confidence`` (speakers resampled, then utterances within each;
+:func:`pipeline.asr.metrics.blockwise_bootstrap`). The utterance-level interval is shown
+beside it and decides nothing.
+
+* ``improve`` mode passes when the upper bound <= −``min_improvement``: better by a margin
+  the noise of the golden set cannot explain (a copy of production fails).
+* ``non-regression`` mode passes when there is no evidence of regression — the lower bound
+  <= 0 — AND the point estimate ΔWER <= +``tolerance``. Asking for the upper bound to be
+  under a tolerance instead would fail a copy of production whenever the interval is wider
+  than the tolerance; asking only for no evidence would pass any regression the golden set is
+  too small to prove. With tolerance = half the smallest regression that must be blocked
+  (0.5 pts for 1 pt), both error rates are Φ(−0.5 pt / SE): ≤ 5 % when SE ≤ 0.3 pts.
+  ``tests/benchmarks/bench_gate.py`` measures them on real models.
+
+``worst_group``: fails only on evidence of regression in some group — its ΔWER >
+``group_tolerance`` and its Holm–Bonferroni adjusted interval lies above zero
+(:mod:`pipeline.stages.gate.groups`); groups too small to tell are reported with their
+minimum detectable effect and neither pass nor fail.
+
+The decision also says what the golden set can detect (``detectability``): the overall
+regression the non-regression rule blocks and the improvement the improve rule ships, each
+with probability ``power`` (:func:`pipeline.asr.metrics.minimum_detectable_effect`), and
+every group's MDE.
 
 A manual force (a reason, never the default) passes a failed gate; :func:`check_force`
 and :func:`check_force_reason` refuse one without a reason, :func:`failing_rules` names
@@ -25,16 +45,37 @@ what failed.
 from __future__ import annotations
 
 import math
-import zlib
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.asr.metrics import UttScore, format_pct, format_points, paired_bootstrap
+from pipeline.asr.metrics import (
+    UttScore,
+    blockwise_bootstrap,
+    format_pct,
+    format_points,
+    minimum_detectable_effect,
+    paired_bootstrap,
+)
 from pipeline.config import GateConfig
+from pipeline.stages.gate.groups import (
+    MISSING,
+    REGRESSION,
+    TOO_SMALL,
+    GroupComparison,
+    compare_groups,
+    family_size,
+    finite_or_none,
+    groups_of,
+    wer_of,
+)
+
+__all__ = [
+    "GroupComparison", "Outcome", "Rule", "check_force", "check_force_reason", "compare_groups", "decide",
+    "failing_rules", "finite_or_none", "wer_of",
+]
 
 
 @dataclass
@@ -60,21 +101,9 @@ class Rule:
         }
 
 
-def finite_or_none(x: Any) -> Any:
-    """``x``, or ``None`` for a NaN/Inf float (the decision file never holds NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def _le(value: float | None, threshold: float) -> bool:
     """value <= threshold, and NaN/None never passes."""
     return value is not None and math.isfinite(value) and value <= threshold + 1e-12
-
-
-def wer_of(utts: Sequence[UttScore]) -> float:
-    words = sum(u.ref_words for u in utts)
-    return sum(u.errors for u in utts) / words if words else math.nan
 
 
 def rule_wer_ceiling(wer: float, max_wer: float) -> Rule:
@@ -99,26 +128,11 @@ def rule_rtf(rtf: float, max_rtf: float) -> Rule:
     return Rule("rtf_budget", "absolute", rtf, max_rtf, ok, f"real-time factor {rtf:.4f} vs budget {max_rtf}")
 
 
-def group_keys(u: UttScore, cohorts: Mapping[str, str] | None = None) -> list[str]:
-    """The groups an utterance belongs to: its speaker, its accent group, its seen/unseen cohort."""
-    keys = [f"speaker:{u.speaker}", f"group:{u.group}"]
-    if cohorts and u.utt_id in cohorts:
-        keys.append(f"cohort:{cohorts[u.utt_id]}")
-    return keys
-
-
-def groups_of(utts: Sequence[UttScore], cohorts: Mapping[str, str] | None = None) -> dict[str, list[UttScore]]:
-    out: dict[str, list[UttScore]] = defaultdict(list)
-    for u in utts:
-        for k in group_keys(u, cohorts):
-            out[k].append(u)
-    return dict(sorted(out.items()))
-
-
-def rule_group_ceiling(candidate: Sequence[UttScore], cfg: GateConfig, cohorts: Mapping[str, str] | None) -> Rule:
+def rule_group_ceiling(candidate: Sequence[UttScore], cfg: GateConfig, cohorts: Mapping[str, str] | None,
+                       conditions: Mapping[str, str] | None = None) -> Rule:
     assert cfg.max_group_wer is not None
     worst_key, worst = None, -math.inf
-    for key, utts in groups_of(candidate, cohorts).items():
+    for key, utts in groups_of(candidate, cohorts, conditions).items():
         if len(utts) < cfg.min_group_utts:
             continue
         w = wer_of(utts)
@@ -150,16 +164,24 @@ def _pair(candidate: Sequence[UttScore], production: Sequence[UttScore]) -> tupl
     return cand, prod, missing
 
 
-def bootstrap_delta(cand: Sequence[UttScore], prod: Sequence[UttScore], cfg: GateConfig, seed: int) -> dict[str, Any]:
-    """Paired bootstrap of WER(candidate) - WER(production); NaN bounds when there are no words."""
+def _empty_boot(cfg: GateConfig, method: str) -> dict[str, Any]:
+    return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "confidence": cfg.confidence,
+            "n_resamples": cfg.bootstrap_resamples, "method": method, "n_blocks": 0, "se": math.nan,
+            "samples": np.array([])}
+
+
+def bootstrap_delta(cand: Sequence[UttScore], prod: Sequence[UttScore], cfg: GateConfig, seed: int, *,
+                    blockwise: bool = True) -> dict[str, Any]:
+    """Paired bootstrap of WER(candidate) - WER(production): blockwise by speaker (the rule's) or by
+    utterance (shown beside it); NaN bounds when there are no words."""
     words = [p.ref_words for p in prod]
     if not cand or sum(words) == 0:
-        return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "confidence": cfg.confidence,
-                "n_resamples": cfg.bootstrap_resamples, "samples": np.array([])}
-    return paired_bootstrap(
-        [c.errors for c in cand], [p.errors for p in prod], words,
-        n_resamples=cfg.bootstrap_resamples, seed=seed, confidence=cfg.confidence,
-    )
+        return _empty_boot(cfg, "blockwise" if blockwise else "utterance")
+    ea, eb = [c.errors for c in cand], [p.errors for p in prod]
+    kw = {"n_resamples": cfg.bootstrap_resamples, "seed": seed, "confidence": cfg.confidence}
+    if blockwise:
+        return blockwise_bootstrap(ea, eb, words, [p.speaker for p in prod], **kw)
+    return paired_bootstrap(ea, eb, words, **kw)
 
 
 def rule_coverage(missing: Sequence[str]) -> Rule:
@@ -170,122 +192,69 @@ def rule_coverage(missing: Sequence[str]) -> Rule:
                 else f"candidate lacks {n} utterance(s) production was scored on: {shown}")
 
 
-def rule_delta_wer(boot: Mapping[str, Any], cfg: GateConfig) -> Rule:
-    upper = float(boot["ci_high"])
+def rule_delta_wer(boot: Mapping[str, Any], cfg: GateConfig, utt_boot: Mapping[str, Any] | None = None) -> Rule:
+    """Improve: upper bound <= -min_improvement. Non-regression: lower bound <= 0 and ΔWER <= tolerance."""
+    delta, lower, upper = (float(boot[k]) for k in ("delta", "ci_low", "ci_high"))
     conf = f"{100 * cfg.confidence:.0f}%"
+    ci = f"ΔWER {format_points(delta)}, {conf} blockwise CI [{format_points(lower)}, {format_points(upper)}]"
+    if utt_boot is not None:
+        ci += f" (utterance-level [{format_points(utt_boot['ci_low'])}, {format_points(utt_boot['ci_high'])}])"
     if cfg.mode == "improve":
-        threshold = -cfg.min_improvement
-        want = f"must be <= {format_points(threshold)} (improve mode: better by a margin the noise cannot explain)"
+        value, threshold = upper, -cfg.min_improvement
+        ok = _le(upper, threshold)
+        want = f"upper bound must be <= {format_points(threshold)} (improve mode: better by a margin the noise cannot explain)"
     else:
-        threshold = cfg.tolerance
-        want = f"must be <= {format_points(threshold)} (non-regression mode)"
-    ok = _le(upper, threshold)
-    detail = (f"ΔWER {format_points(boot['delta'])}, {conf} CI [{format_points(boot['ci_low'])}, {format_points(upper)}]; upper bound {want}")
-    if not math.isfinite(upper):
-        detail = "ΔWER is NaN (no paired words): fails"
-    return Rule("delta_wer", "relative", upper, threshold, ok, detail,
-                {"delta": finite_or_none(float(boot["delta"])), "ci_low": finite_or_none(float(boot["ci_low"])),
-                 "ci_high": finite_or_none(upper), "mode": cfg.mode})
-
-
-@dataclass
-class GroupComparison:
-    key: str
-    n_utts: int
-    n_words: int
-    candidate_wer: float
-    production_wer: float | None
-    delta: float | None
-    ci_low: float | None
-    ci_high: float | None
-    checked: bool
-    passed: bool | None
-    note: str = ""
-
-    @property
-    def kind(self) -> str:
-        return self.key.split(":", 1)[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key, "kind": self.kind, "n_utts": self.n_utts, "n_words": self.n_words,
-            "candidate_wer": finite_or_none(self.candidate_wer), "production_wer": finite_or_none(self.production_wer),
-            "delta": finite_or_none(self.delta), "ci_low": finite_or_none(self.ci_low), "ci_high": finite_or_none(self.ci_high),
-            "checked": self.checked, "passed": self.passed, "note": self.note,
-        }
-
-
-def _group_seed(seed: int, key: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
-
-
-def compare_groups(
-    candidate: Sequence[UttScore],
-    production: Sequence[UttScore] | None,
-    cfg: GateConfig,
-    cohorts: Mapping[str, str] | None = None,
-) -> list[GroupComparison]:
-    """Per group: both WERs, and for groups with enough utterances the paired-bootstrap ΔWER CI."""
-    cand_groups = groups_of(candidate, cohorts)
-    if production is None:
-        return [
-            GroupComparison(k, len(u), sum(x.ref_words for x in u), wer_of(u), None, None, None, None, False, None,
-                            "cold start")
-            for k, u in cand_groups.items()
-        ]
-    prod_groups = groups_of(production, cohorts)
-    by_id = {u.utt_id: u for u in candidate}
-    out = []
-    for key in sorted(set(cand_groups) | set(prod_groups)):
-        prod_u = prod_groups.get(key, [])
-        cand_u = [by_id[p.utt_id] for p in prod_u if p.utt_id in by_id]
-        n_words = sum(p.ref_words for p in prod_u)
-        eligible = len(prod_u) >= cfg.min_group_utts
-        if not prod_u:  # a group only the candidate has: shown, nothing to compare
-            u = cand_groups[key]
-            out.append(GroupComparison(key, len(u), sum(x.ref_words for x in u), wer_of(u), None, None, None, None,
-                                       False, None, "not in production's evaluation"))
-            continue
-        cw, pw = wer_of(cand_u), wer_of(prod_u)
-        if not eligible:
-            out.append(GroupComparison(key, len(prod_u), n_words, cw, pw, cw - pw if cand_u else None, None, None,
-                                       False, None, f"< {cfg.min_group_utts} utterances: not checked"))
-            continue
-        if len(cand_u) < len(prod_u) or not math.isfinite(cw) or not math.isfinite(pw):
-            note = ("the candidate lacks this group's utterances" if len(cand_u) < len(prod_u)
-                    else "NaN WER (no reference words)")
-            out.append(GroupComparison(key, len(prod_u), n_words, cw, pw, None, None, None, True, False, note))
-            continue
-        paired_prod = [p for p in prod_u if p.utt_id in by_id]
-        boot = bootstrap_delta(cand_u, paired_prod, cfg, _group_seed(cfg.seed, key))
-        ok = _le(boot["ci_high"], cfg.group_tolerance)
-        out.append(GroupComparison(key, len(prod_u), n_words, cw, pw, boot["delta"], boot["ci_low"], boot["ci_high"],
-                                   True, ok))
-    return out
+        value, threshold = delta, cfg.tolerance
+        ok = _le(delta, threshold) and _le(lower, 0.0)
+        want = (f"non-regression mode: ΔWER must be <= {format_points(threshold)} and the lower bound <= 0 "
+                "(no evidence of regression)")
+    detail = f"{ci}; {want}"
+    if not all(math.isfinite(x) for x in (delta, lower, upper)):
+        ok, detail = False, "ΔWER is NaN (no paired words): fails"
+    extra = {"delta": finite_or_none(delta), "ci_low": finite_or_none(lower), "ci_high": finite_or_none(upper),
+             "method": boot.get("method", "blockwise"), "mode": cfg.mode}
+    if utt_boot is not None:
+        extra |= {"utt_ci_low": finite_or_none(float(utt_boot["ci_low"])),
+                  "utt_ci_high": finite_or_none(float(utt_boot["ci_high"]))}
+    return Rule("delta_wer", "relative", value, threshold, ok, detail, extra)
 
 
 def rule_worst_group(groups: Sequence[GroupComparison], cfg: GateConfig) -> Rule:
+    """Fails when some group shows evidence of regression, or a group cannot be compared (missing/NaN)."""
     checked = [g for g in groups if g.checked]
+    small = [g for g in groups if g.verdict == TOO_SMALL]
+    extra: dict[str, Any] = {"groups_checked": len(checked), "family_size": family_size(groups),
+                             "too_small_groups": [g.key for g in small]}
+    small_text = ""
+    if small:
+        small_text = f"; {len(small)} group(s) too small to tell: " + ", ".join(
+            f"{g.key} (detects >= {format_points(g.mde).replace('+', '')})" for g in small[:6]) + (" ..." if len(small) > 6 else "")
     if not checked:
         return Rule("worst_group", "relative", None, cfg.group_tolerance, True,
-                    f"no group has >= {cfg.min_group_utts} utterances: nothing to check",
-                    {"groups_checked": 0})
-    failing = [g for g in checked if not g.passed]
-    broken = [g for g in failing if g.ci_high is None or not math.isfinite(g.ci_high)]
+                    f"no group has >= {cfg.min_group_utts} utterances: nothing to check{small_text}", extra)
+    broken = [g for g in checked if g.verdict == MISSING]
+    failing = [g for g in checked if g.verdict in (REGRESSION, MISSING)]
+    extra["failing_groups"] = [g.key for g in failing]
     if broken:
         g = broken[0]
-        return Rule("worst_group", "relative", None, cfg.group_tolerance, False,
-                    f"group {g.key}: {g.note}", {"group": g.key, "groups_checked": len(checked),
-                                                 "failing_groups": [x.key for x in failing]})
-    worst = max(checked, key=lambda g: g.ci_high)
-    detail = (f"worst group {worst.key}: ΔWER {format_points(worst.delta)}, CI upper {format_points(worst.ci_high)} "
-              f"(candidate {format_pct(worst.candidate_wer)} vs production {format_pct(worst.production_wer)}, "
-              f"{worst.n_utts} utts); every checked group's upper bound must be <= {format_points(cfg.group_tolerance)}")
-    if failing:
-        names = ", ".join(g.key for g in sorted(failing, key=lambda g: -g.ci_high)[:8])
-        detail += f"; {len(failing)} of {len(checked)} checked groups fail: {names}" + (" ..." if len(failing) > 8 else "")
-    return Rule("worst_group", "relative", worst.ci_high, cfg.group_tolerance, not failing, detail,
-                {"group": worst.key, "groups_checked": len(checked), "failing_groups": [g.key for g in failing]})
+        return Rule("worst_group", "relative", None, cfg.group_tolerance, False, f"group {g.key}: {g.note}",
+                    {**extra, "group": g.key})
+    compared = [g for g in checked if g.delta is not None and math.isfinite(g.delta)]
+    regressions = [g for g in checked if g.verdict == REGRESSION]
+    worst = max(regressions or compared, key=lambda g: g.delta)
+    detail = (f"worst group {worst.key}: ΔWER {format_points(worst.delta)}, adjusted "
+              f"{100 * (worst.confidence or cfg.confidence):.2f}% CI [{format_points(worst.ci_low)}, "
+              f"{format_points(worst.ci_high)}] (candidate {format_pct(worst.candidate_wer)} vs production "
+              f"{format_pct(worst.production_wer)}, {worst.n_utts} utts); a group fails when its ΔWER > "
+              f"{format_points(cfg.group_tolerance)} and its Holm-adjusted interval lies above zero")
+    if regressions:
+        names = ", ".join(g.key for g in sorted(regressions, key=lambda g: -g.delta)[:8])
+        detail += (f"; {len(regressions)} of {len(checked)} checked groups show a regression: {names}"
+                   + (" ..." if len(regressions) > 8 else ""))
+    else:
+        detail += f"; no evidence of regression in any of {len(checked)} checked groups"
+    return Rule("worst_group", "relative", worst.delta, cfg.group_tolerance, not regressions, detail + small_text,
+                {**extra, "group": worst.key})
 
 
 def check_force_reason(force_reason: str | None) -> str | None:
@@ -320,7 +289,8 @@ class Outcome:
     decision: dict[str, Any]
     rules: list[Rule]
     groups: list[GroupComparison]
-    bootstrap: dict[str, Any] | None
+    bootstrap: dict[str, Any] | None  # the blockwise bootstrap (the rule's), with its samples
+    utterance_bootstrap: dict[str, Any] | None = None
 
 
 def decide(
@@ -330,34 +300,39 @@ def decide(
     candidate_rtf: float,
     cfg: GateConfig,
     cohorts: Mapping[str, str] | None = None,
+    conditions: Mapping[str, str] | None = None,
     force_reason: str | None = None,
     forced_by: str | None = None,
 ) -> Outcome:
-    """Apply every rule; ``production=None`` is a cold start (absolute rules only)."""
+    """Apply every rule; ``production=None`` is a cold start (absolute rules only).
+
+    ``cohorts`` and ``conditions`` map utt_id to the golden manifest's seen/unseen cohort and
+    recording condition (extra groups ``cohort:*`` and ``condition:*``).
+    """
     reason = check_force_reason(force_reason)
     cold = production is None
     rules = [rule_finite_outputs(candidate), rule_wer_ceiling(wer_of(candidate), cfg.max_wer),
              rule_rtf(candidate_rtf, cfg.max_rtf)]
     if cfg.max_group_wer is not None:
-        rules.append(rule_group_ceiling(candidate, cfg, cohorts))
-    groups = compare_groups(candidate, production, cfg, cohorts)
-    boot = None
+        rules.append(rule_group_ceiling(candidate, cfg, cohorts, conditions))
+    groups = compare_groups(candidate, production, cfg, cohorts, conditions)
+    boot = utt_boot = None
     skipped = []
-    if cold:
+    if production is None:
         skipped = [{"name": n, "reason": "cold start: no production model to compare with"}
                    for n in ("coverage", "delta_wer", "worst_group")]
     else:
         cand, prod, missing = _pair(candidate, production)
         rules.append(rule_coverage(missing))
         boot = bootstrap_delta(cand, prod, cfg, cfg.seed)
-        rules.append(rule_delta_wer(boot, cfg))
+        utt_boot = bootstrap_delta(cand, prod, cfg, cfg.seed, blockwise=False)
+        rules.append(rule_delta_wer(boot, cfg, utt_boot))
         rules.append(rule_worst_group(groups, cfg))
     rules_passed = all(r.passed for r in rules)
-    failing = [r.name for r in rules if not r.passed]
     decision = {
         "passed": rules_passed or reason is not None,
         "rules_passed": rules_passed,
-        "failing_rules": failing,
+        "failing_rules": [r.name for r in rules if not r.passed],
         "rules": [r.to_dict() for r in rules],
         "skipped_rules": skipped,
         "mode": cfg.mode,
@@ -365,9 +340,47 @@ def decide(
         "forced": reason is not None,
         "force_reason": reason,
         "forced_by": forced_by if reason is not None else None,
-        "bootstrap": None if boot is None else {
-            k: finite_or_none(float(boot[k])) for k in ("delta", "ci_low", "ci_high", "confidence")
-        } | {"n_resamples": cfg.bootstrap_resamples, "seed": cfg.seed},
+        "bootstrap": _boot_summary(boot, cfg),
+        "bootstrap_utterance": _boot_summary(utt_boot, cfg),
+        "detectability": None if boot is None else detectability(boot, groups, cfg, sum(p.ref_words for p in production or [])),
         "groups": [g.to_dict() for g in groups],
     }
-    return Outcome(decision, rules, groups, boot)
+    return Outcome(decision, rules, groups, boot, utt_boot)
+
+
+def _boot_summary(boot: Mapping[str, Any] | None, cfg: GateConfig) -> dict[str, Any] | None:
+    if boot is None:
+        return None
+    return {k: finite_or_none(float(boot[k])) for k in ("delta", "ci_low", "ci_high", "confidence", "se")} | {
+        "n_resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "method": boot["method"],
+        "n_blocks": int(boot["n_blocks"])}
+
+
+def detectability(boot: Mapping[str, Any], groups: Sequence[GroupComparison], cfg: GateConfig,
+                  n_words: int) -> dict[str, Any]:
+    """What this comparison on this golden set can detect, with probability ``cfg.power``.
+
+    ``regression_mde``: the overall regression the non-regression rule fails (ΔWER > tolerance
+    or lower bound > 0: ``rule="or"``); ``improvement_mde``: the overall improvement the improve
+    rule passes (upper bound <= -min_improvement: ``rule="shift"``); ``interval_mde``: the
+    regression whose interval lies above zero; every compared group's MDE (see
+    :mod:`pipeline.stages.gate.groups`). SE: the blockwise bootstrap's spread.
+    """
+    se, alpha = float(boot["se"]), 1 - cfg.confidence
+
+    def mde(rule: str, margin: float) -> float | None:
+        return finite_or_none(minimum_detectable_effect(se, n_words, alpha=alpha, power=cfg.power, margin=margin,
+                                                        rule=rule))
+
+    with_mde = [g for g in groups if g.mde is not None and math.isfinite(g.mde)]
+    return {
+        "power": cfg.power,
+        "se": finite_or_none(se),
+        "regression_mde": mde("or", cfg.tolerance),
+        "improvement_mde": mde("shift", cfg.min_improvement),
+        "interval_mde": mde("and", 0.0),
+        "group_mde": {g.key: finite_or_none(g.mde) for g in with_mde},
+        "groups_too_small": [g.key for g in groups if g.verdict == TOO_SMALL],
+        "max_group_mde": cfg.max_group_mde,
+        "family_size": family_size(groups),
+    }

@@ -5,7 +5,10 @@ MLflow alias ``production`` on the same golden set, applies the rules of
 :mod:`pipeline.stages.gate.rules` and writes ``runs/{run_id}/gate/decision.json``, the
 per-utterance scores, the bootstrap samples and the on-call report (``report.html``,
 ``report.md``, :mod:`pipeline.stages.gate.report`), also logged to the training run in
-MLflow. A manual force (``force_reason``) re-runs a finished gate and is recorded.
+MLflow. The golden manifest's ``seen`` flags and ``condition`` fields add the groups
+``cohort:*`` and ``condition:*``; the report quotes the gate's calibrated pass rates for the
+golden set (:mod:`pipeline.stages.gate.calibration`). A manual force (``force_reason``)
+re-runs a finished gate and is recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from pipeline.asr.metrics import EvalResult, UttScore
 from pipeline.config import GateConfig
 from pipeline.stages.gate import report
+from pipeline.stages.gate.calibration import calibration_path, manifest_sha256, read_calibration
 from pipeline.stages.gate.rules import (
     Outcome,
     check_force_reason,
@@ -55,16 +59,21 @@ class Evaluation:
     production_eval: EvalResult | None
 
 
+def _records(manifest_text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in manifest_text.splitlines() if line.strip()]
+
+
 def read_cohorts(manifest_text: str) -> dict[str, str]:
     """utt_id -> ``seen``/``unseen`` from the golden manifest's ``seen`` flags (absent: no cohort)."""
-    out = {}
-    for line in manifest_text.splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if isinstance(rec.get("seen"), bool) and "utt_id" in rec:
-            out[rec["utt_id"]] = "seen" if rec["seen"] else "unseen"
-    return out
+    return {rec["utt_id"]: "seen" if rec["seen"] else "unseen" for rec in _records(manifest_text)
+            if isinstance(rec.get("seen"), bool) and "utt_id" in rec}
+
+
+def read_conditions(manifest_text: str) -> dict[str, str]:
+    """utt_id -> recording condition from the golden manifest's ``condition`` fields (absent: no condition
+    group; golden v1 has none)."""
+    return {rec["utt_id"]: rec["condition"].strip() for rec in _records(manifest_text)
+            if isinstance(rec.get("condition"), str) and rec["condition"].strip() and "utt_id" in rec}
 
 
 def utt_rows(utts: Sequence[UttScore]) -> str:
@@ -98,20 +107,25 @@ def gate(
 def _run_gate(ctx: Any, cfg: GateConfig, candidate_key: str, reason: str | None, actor: str) -> dict[str, Any]:
     version = cfg.golden_version or ctx.config.demo.golden_version
     manifest_key = _golden_manifest(ctx.store, version)
-    cohorts = read_cohorts(ctx.store.get_text(manifest_key))
+    manifest_text = ctx.store.get_text(manifest_key)
+    cohorts, conditions = read_cohorts(manifest_text), read_conditions(manifest_text)
     local_candidate = _check_candidate(ctx, candidate_key)
     ev = _evaluate(ctx, cfg, candidate_key, manifest_key)
     outcome = decide(
         ev.candidate.utts, ev.production_eval.utts if ev.production_eval else None,
-        candidate_rtf=ev.candidate.summary()["rtf"], cfg=cfg, cohorts=cohorts, force_reason=reason, forced_by=actor,
+        candidate_rtf=ev.candidate.summary()["rtf"], cfg=cfg, cohorts=cohorts, conditions=conditions,
+        force_reason=reason, forced_by=actor,
     )
     keys = {name: join(ctx.stage_prefix(STAGE), name) for name in OUTPUTS}
+    sha = manifest_sha256(manifest_text)
     decision = _decision(ctx, cfg, outcome, ev, version=version, manifest_key=manifest_key, cohorts=cohorts,
                          candidate={"key": candidate_key,
                                     "uri": candidate_key if local_candidate else ctx.store.uri(candidate_key)},
                          keys=keys)
+    decision["golden"] |= {"manifest_sha256": sha, "conditions": sorted(set(conditions.values()))}
+    decision["calibration"] = read_calibration(calibration_path(cfg), version, sha, cfg)
     samples = _write_scores(ctx.store, keys, decision, outcome, ev)
-    _write_report(ctx, cfg, keys, decision, ev, samples)
+    _write_report(ctx, cfg, keys, decision, ev, samples, _finite_list(outcome.utterance_bootstrap))
     mlflow_run = _log_to_mlflow(ctx, keys, decision, outcome, ev, version=version, reason=reason, actor=actor)
     return _summary(cfg, decision, ev, version, mlflow_run)
 
@@ -209,24 +223,30 @@ def _golden_meta(store: ObjectStore, version: str) -> Any:
 
 def _write_scores(store: ObjectStore, keys: dict[str, str], decision: dict[str, Any], outcome: Outcome,
                   ev: Evaluation) -> list[float]:
-    """The decision, per-utterance scores and bootstrap samples; returns the (finite) samples."""
+    """The decision, per-utterance scores and bootstrap samples; returns the (finite) blockwise samples."""
     store.put_text(keys[DECISION], json.dumps(decision, indent=2, sort_keys=True, allow_nan=False) + "\n")
     store.put_text(keys["candidate_utts.jsonl"], utt_rows(ev.candidate.utts))
     if ev.production_eval is not None:
         store.put_text(keys["production_utts.jsonl"], utt_rows(ev.production_eval.utts))
-    samples = [] if outcome.bootstrap is None else [float(x) for x in outcome.bootstrap["samples"] if math.isfinite(x)]
-    store.put_text(keys["bootstrap.json"], json.dumps({"samples": samples}) + "\n")
+    samples = _finite_list(outcome.bootstrap)
+    store.put_text(keys["bootstrap.json"], json.dumps(
+        {"samples": samples, "method": "blockwise", "utterance_samples": _finite_list(outcome.utterance_bootstrap)}) + "\n")
     return samples
 
 
+def _finite_list(boot: dict[str, Any] | None) -> list[float]:
+    return [] if boot is None else [float(x) for x in boot["samples"] if math.isfinite(x)]
+
+
 def _write_report(ctx: Any, cfg: GateConfig, keys: dict[str, str], decision: dict[str, Any], ev: Evaluation,
-                  samples: list[float]) -> None:
+                  samples: list[float], utterance_samples: list[float]) -> None:
     notes: list[str] = []
     inputs = report.ReportInputs(
         decision=decision,
         candidate=ev.candidate.utts,
         production=ev.production_eval.utts if ev.production_eval else None,
         bootstrap_samples=samples,
+        utterance_samples=utterance_samples,
         leaderboard=_optional_json(ctx.store, ctx.stage_key("search", "leaderboard.json"), notes),
         history=_optional_json(ctx.store, ctx.stage_key("train", "history.json"), notes),
         notes=notes,
@@ -249,6 +269,8 @@ def _log_to_mlflow(ctx: Any, keys: dict[str, str], decision: dict[str, Any], out
     if decision["bootstrap"]:
         for k in ("delta", "ci_low", "ci_high"):
             metrics[f"golden.delta_wer.{k}"] = decision["bootstrap"][k]
+        for k in ("ci_low", "ci_high"):
+            metrics[f"golden.delta_wer.utterance_{k}"] = decision["bootstrap_utterance"][k]
     for g in outcome.groups:
         metrics[f"golden.group_wer.{g.key}"] = g.candidate_wer
     tags = {"gate.passed": str(decision["passed"]).lower(), "gate.cold_start": str(outcome.decision["cold_start"]).lower(),
