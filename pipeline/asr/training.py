@@ -225,6 +225,12 @@ def build_model(model_cfg: ModelConfig, n_mels: int, mean: np.ndarray | None = N
     return model
 
 
+def init_weights(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load ``state`` (a whole model's state dict: same architecture and n_mels) into ``model``;
+    a mismatch raises ``RuntimeError`` naming the keys."""
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
 def resolve_hparams(config: Config, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainConfig]:
     """Model and train settings from config, with a search winner's keys laid on top."""
     overrides = overrides or {}
@@ -258,11 +264,15 @@ def train_model(
     max_epochs: int | None = None,
     stop_after_batches: int | None = None,
     augment: AugmentConfig | None = None,
+    init_state: dict[str, Any] | None = None,
 ) -> tuple[ASRModel, list[EpochReport]]:
     """Train for ``train_cfg.epochs`` (or ``max_epochs``) epochs; return the model and the reports.
 
     ``augment`` (training only): the mel-axis warp in the model, and a train set with
     augmented copies (``for_epoch``) gives each epoch its own pick of them.
+
+    ``init_state`` (a model state dict, e.g. production's weights) initialises the model before
+    training when there is no ``resume`` state; a resumed run continues from its checkpoint instead.
 
     ``stop_after_batches`` simulates a crash mid-epoch (tests): it raises ``KeyboardInterrupt``
     after that many optimizer batches in the current call.
@@ -271,6 +281,8 @@ def train_model(
     loop = _Loop(model_cfg, train_cfg, train_set.frames(), n_mels, feature_mean, feature_var, max_epochs, vtlp)
     if resume is not None:
         loop.restore(resume)
+    elif init_state is not None:
+        init_weights(loop.model, init_state)
     if loop.world > 1:
         loop.model = nn.parallel.DistributedDataParallel(loop.model, broadcast_buffers=False)  # buffers are constants
     for epoch in range(loop.start_epoch, loop.epochs):

@@ -206,8 +206,8 @@ class SearchConfig(Section):
 
     The incumbent is production's configuration (its registered model's metadata), or the
     configured default at cold start. Rungs left unset (``max_epochs``, ``grace_period``,
-    ``reduction_factor``: null) are sized from the proxy and the full-training budget: the
-    top rung gives a trial ``top_rung_fraction`` of full training's optimizer steps. Only trials
+    ``reduction_factor``: null) are sized from the proxy and the full-training budget: at the
+    top rung a trial has seen ``top_rung_fraction`` of the utterances full training will. Only trials
     that reach the top rung can win, ranked by dev WER there (dev CER breaks ties); the winner
     replaces the incumbent only when its dev WER is at least ``min_improvement`` lower.
     """
@@ -219,7 +219,8 @@ class SearchConfig(Section):
     grace_period: int | None = Field(None, ge=1, description="ASHA's first rung, in epochs; null: sized")
     reduction_factor: int | None = Field(None, ge=2, le=10, description="ASHA's reduction factor; null: 2")
     top_rung_fraction: float = Field(
-        0.5, gt=0, le=1, description="sized rungs: the top rung's share of full training's optimizer steps")
+        0.5, gt=0, le=1, description="sized rungs: the share of full training's utterances (epochs × pool) a "
+        "trial has seen at the top rung")
     min_improvement: float = Field(
         0.01, ge=0, description="the winner replaces the incumbent only if its top-rung dev WER is this much lower")
     max_concurrent: int = Field(2, ge=1, le=1024)
@@ -237,7 +238,7 @@ class SearchConfig(Section):
         "else 1.01 + loss/(loss + 100), so trials that still output only blanks are ordered by their CTC loss")
     fidelity_top_k: int = Field(
         0, ge=0, le=20, description=">= 2: also train the top-k trials on the full pool and record the Spearman "
-        "correlation of proxy and full-training dev WER (costs k full trainings)")
+        "correlation of the proxy's ranking and full-training dev WER (costs k full trainings)")
     fidelity_floor: float = Field(0.5, ge=-1, le=1, description="an alert is recorded when that correlation is below")
 
     @model_validator(mode="after")

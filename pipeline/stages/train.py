@@ -10,6 +10,13 @@ checkpoint: Ray Train V2 picks up a run whose (storage_path, name) it finds. Res
 recorded in ``metrics.json`` as ``resumed_from`` (the epochs training continued from).
 The best epoch by dev WER is exported (``runs/{run_id}/train/model.pt``) with
 ``metrics.json`` and ``history.json``.
+
+``train.init: production`` starts from production's weights (the registered production
+model's TorchScript holds them: ``ServingModel.model``) when the architecture matches (same
+model shapes and n_mels); otherwise, or at a cold start, training starts from scratch.
+``metrics.json`` and the model's ``meta.json`` record ``init`` with the reason. A retried
+stage resumes from its own checkpoint either way. Keys of ``hparams`` that start with ``_``
+(e.g. the search's ``_selection`` note in ``best_config.json``) are notes, not settings.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from pipeline.run import RunContext
 
 STAGE = "train"
 STATE_FILE = "state.pt"
+# ModelConfig fields that shape the weights (dropout and SpecAugment do not)
+ARCH_KEYS = ("encoder", "num_layers", "d_model", "attention_heads", "ffn_mult", "conv_kernel", "subsample_channels")
 WORKER_HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
 
 
@@ -73,6 +82,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         resume=resume,
         report=report,
         augment=AugmentConfig.model_validate(loop_config["augment"]),
+        init_state=loop_config.get("init_state"),
     )
 
 
@@ -93,6 +103,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
     from pipeline.data.features import load_feature_index
     from pipeline.ray import ensure_ray
 
+    hparams = {k: v for k, v in (hparams or {}).items() if not k.startswith("_")} or None
     model_cfg, train_cfg = resolve_hparams(ctx.config, hparams)
     augment = resolve_augment(ctx.config, hparams)
     if features_stage is None:
@@ -101,15 +112,17 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
         train_cfg = train_cfg.model_copy(update={"epochs": epochs})
     index = load_feature_index(ctx.store, ctx.run_id, stage=features_stage)
     train_idx, dev_idx = split_by_utterance(index["utterances"], train_cfg.dev_fraction, train_cfg.seed)
+    init_state, init = initial_weights(ctx, model_cfg, train_cfg, int(index["n_mels"]))
     ensure_ray(ctx.config)
-    trainer = _build_trainer(ctx, index, train_idx, dev_idx, model_cfg, train_cfg, augment)
+    trainer = _build_trainer(ctx, index, train_idx, dev_idx, model_cfg, train_cfg, augment, init_state)
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise RuntimeError(f"full training failed: {result.error}")
     best_state, best_metrics, history = _best_and_history(result)
-    _export(ctx, best_state, best_metrics, index, model_cfg, train_cfg)
+    _export(ctx, best_state, best_metrics, index, model_cfg, train_cfg, {"augment": augment.model_dump(mode="json"),
+                                                                         "init": init})
     metrics = {
         "resumed_from": sorted({int(m["resumed_from"]) for _, m in result.best_checkpoints if m.get("resumed_from")}),
         "best_epoch": best_metrics["epoch"],
@@ -122,6 +135,7 @@ def _train(ctx: RunContext, hparams: dict[str, Any] | None, features_stage: str 
         "wall_s": round(wall, 2),
         "train_s": round(sum(h["seconds"] for h in history), 2),
         "pool_version": index.get("pool_version"),
+        "init": init,
     }
     ctx.store.put_text(ctx.stage_key(STAGE, "metrics.json"), json.dumps(metrics, indent=2))
     ctx.store.put_text(ctx.stage_key(STAGE, "history.json"), json.dumps(history, indent=2))
@@ -138,8 +152,41 @@ def _winner_features(ctx: RunContext, hparams: dict[str, Any] | None) -> str:
     return extract_pool_features(ctx, fe, progress=False)["stage"]
 
 
+def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    n_mels: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(production's state dict or None, the record of the choice) for ``train.init``."""
+    if train_cfg.init == "scratch":
+        return None, {"init": "scratch", "reason": "train.init: scratch"}
+    from pipeline.asr.evaluation import model_meta
+    from pipeline.asr.training import build_model, init_weights
+    from pipeline.tracking import production_model
+
+    prod = production_model(ctx.config.mlflow)
+    if prod is None:
+        return None, {"init": "scratch", "requested": "production", "reason": "no production model (cold start)"}
+    meta = model_meta(prod.path)
+    record = {"requested": "production", "production_version": prod.version, "production_run_id": prod.run_id}
+    prod_mels = int((meta.get("frontend") or {}).get("n_mels", -1))
+    differ = [f"{k} {v!r} -> {getattr(model_cfg, k)!r}" for k, v in sorted((meta.get("model") or {}).items())
+              if k in ARCH_KEYS and getattr(model_cfg, k, v) != v]
+    if prod_mels != n_mels:
+        differ.append(f"n_mels {prod_mels} -> {n_mels}")
+    if differ:
+        return None, {**record, "init": "scratch", "reason": f"architecture differs from production: {', '.join(differ)}"}
+    fresh = build_model(model_cfg, n_mels)
+    derived = set(dict(fresh.named_buffers())) - set(fresh.state_dict())  # e.g. positional tables: rebuilt, not loaded
+    module = torch.jit.load(str(prod.path), map_location="cpu")
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items() if k not in derived}
+    try:  # the same shapes, checked here so that a mismatch is a recorded scratch start, not a failed stage
+        init_weights(fresh, state)
+    except RuntimeError as exc:
+        return None, {**record, "init": "scratch", "reason": f"production's weights do not fit: {str(exc)[:300]}"}
+    return state, {**record, "init": "production", "reason": f"warm start from production v{prod.version}"}
+
+
 def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int], dev_idx: list[int],
-                   model_cfg: ModelConfig, train_cfg: TrainConfig, augment: AugmentConfig):
+                   model_cfg: ModelConfig, train_cfg: TrainConfig, augment: AugmentConfig,
+                   init_state: dict[str, Any] | None = None):
     """Ray Train's ``TorchTrainer`` over :func:`_worker_loop`, restartable from the run's work area."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -161,6 +208,7 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
             "train": train_cfg.model_dump(),
             "augment": augment.model_dump(mode="json"),
             "threads": max(1, (os.cpu_count() or 1) // train_cfg.num_workers),
+            "init_state": init_state,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
         torch_config=TorchConfig(timeout_s=train_cfg.hang_timeout_s),
@@ -191,7 +239,7 @@ def _best_and_history(result) -> tuple[dict[str, Any], dict[str, Any], list[dict
 
 
 def _export(ctx: RunContext, state: dict[str, Any], best_metrics: dict[str, Any], index: dict[str, Any],
-            model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+            model_cfg: ModelConfig, train_cfg: TrainConfig, extra: dict[str, Any]) -> None:
     """Export the best epoch's model with its front end to ``runs/{run_id}/train/model.pt``."""
     from pipeline.asr.export import export_model
     from pipeline.asr.frontend import settings_hash
@@ -206,7 +254,17 @@ def _export(ctx: RunContext, state: dict[str, Any], best_metrics: dict[str, Any]
         "best_epoch": best_metrics["epoch"],
         "dev_wer": best_metrics["dev_wer"],
         "frontend_hash": settings_hash(index["frontend"]),
+        "features": _frontend_of(index),
+        **extra,
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(model, index["frontend"], Path(tmp) / "model.pt", meta)
         ctx.store.upload_file(ctx.stage_key(STAGE, "model.pt"), path)
+
+
+def _frontend_of(index: dict[str, Any]) -> dict[str, Any]:
+    """n_mels/win_ms/hop_ms of a feature index's front end (its settings count samples)."""
+    fe = index["frontend"]
+    rate = float(fe["sample_rate"])
+    return {"n_mels": int(fe["n_mels"]), "win_ms": round(1000.0 * fe["win_length"] / rate, 3),
+            "hop_ms": round(1000.0 * fe["hop_length"] / rate, 3)}

@@ -34,13 +34,17 @@ def _trial_results(ctx) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.scenario(1, expected="a trial's worker killed mid-run resumes from its last checkpoint; the search "
-                                   "finishes with no errored trial; work lost <= one epoch per kill")
-def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe):
+@pytest.mark.scenario(1, expected="a trial's worker killed mid-run resumes from its last checkpoint (trials "
+                                   "checkpoint at the rungs); the search finishes with no errored trial; work lost "
+                                   "<= the epochs since the trial's last rung")
+def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe, monkeypatch):
     from pipeline.stages.search.stage import search
 
-    # no early stopping (grace = max) so every trial runs 4 epochs and can be preempted mid-run
-    ctx = make_proxy_run(tmp_path, "preempt", trials=2, max_epochs=4, grace_period=4, max_failures=2)
+    # Tune's snapshots bring result.json to the work area, where the watcher reads what the driver has seen
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0.5")
+    # no early stopping (fifo) so every trial runs 4 epochs and can be preempted mid-run; rungs at 1, 2 and 4
+    ctx = make_proxy_run(tmp_path, "preempt", trials=2, max_epochs=4, grace_period=1, reduction_factor=2,
+                         scheduler="fifo", max_failures=2)
     killed: dict = {}
 
     def preempt():
@@ -67,7 +71,8 @@ def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe):
     assert summary["statuses"]["error"] == 0 and len(board) == 2
     victim = next(r for r in board if r["trial_id"] and r["trial_id"] in os.path.basename(killed["trial"]))
     assert victim["status"] == "completed" and victim["epochs"] == 4
-    # it restarted from the checkpoint of the epoch it had reported: at most that epoch's remainder was lost
+    # it restarted from the checkpoint of the rung it had reported: at most that epoch's remainder was lost
+    assert killed["epoch"] in summary["rungs"]["rungs"]
     assert victim["resumed_from"] == [killed["epoch"]]
     assert [e for e, _ in victim["curve"]] == [1, 2, 3, 4]
     observe(f"killed pid {killed['pid']} after epoch {killed['epoch']}; resumed from epoch {victim['resumed_from']}; "
@@ -98,6 +103,7 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
     driver = subprocess.Popen(
         [sys.executable, "-c", _DRIVER, ctx.config.model_dump_json(), ctx.store.root, ctx.run_id],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},  # the watcher reads what the driver has seen
     )
     try:
         deadline = time.time() + 300
@@ -125,5 +131,15 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
     after = _trial_results(ctx)
     for trial, n in done_before.items():
         assert len(after[trial]) == n, "a finished trial was trained again"
+    # the restored search selects as a fresh one does: the first attempt's incumbent, the same rule
+    from pipeline.stages.search.selection import select
+
+    board = json.loads(ctx.store.get_text("runs/crash/search/leaderboard.json"))
+    incumbents = [r for r in board if r["incumbent"]]
+    assert len(incumbents) == 1 and incumbents[0]["source"] == "config-default"
+    assert incumbents[0]["trial_number"] == min(r["trial_number"] for r in board)
+    assert summary["selection"] == select(board, ctx.config.search.min_improvement)
+    assert summary["best_trial"] == (summary["selection"]["winner"] if summary["selection"]["decision"] == "winner"
+                                     else incumbents[0]["trial_id"])
     observe(f"driver killed with {len(done_before)} trial(s) finished; rerun restored={summary['restored']}, "
             f"{summary['trials']} trials in all (not 4 new ones), finished trials not retrained")

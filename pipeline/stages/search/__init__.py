@@ -1,5 +1,5 @@
-"""Stage ``search``: Ray Tune ASHA + Optuna TPE over the search space, on the proxy."""
+"""Stage ``search``: the incumbent against Ray Tune ASHA + Optuna TPE on the proxy, selected with a margin."""
 
-from pipeline.stages.search.stage import load_best_config, search
+from pipeline.stages.search.stage import check_fidelity, load_best_config, search
 
-__all__ = ["load_best_config", "search"]
+__all__ = ["check_fidelity", "load_best_config", "search"]

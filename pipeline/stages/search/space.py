@@ -4,7 +4,8 @@ Kinds: ``loguniform``/``uniform`` {low, high}, ``int`` {low, high, step}, ``choi
 {values}; ``when: {param: value-or-list}`` makes a parameter conditional on an earlier
 one. :func:`suggest` is Optuna's define-by-run form (used through Ray Tune's
 ``OptunaSearch``); :func:`filter_point` trims a known configuration (production's, an
-earlier run's best) to a valid warm-start point of this space.
+earlier run's best) to a valid point of this space. :meth:`SearchSpace.frontends` lists the
+front ends the space can choose (each gets its feature cache before the trials start).
 """
 
 from __future__ import annotations
@@ -130,11 +131,11 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError("\n".join(lines)) from None
 
 
-def suggest(space: SearchSpace, trial) -> None:
-    """Optuna define-by-run: suggest every active parameter in order."""
+def suggest(space: SearchSpace, trial, only: set[str] | None = None) -> None:
+    """Optuna define-by-run: suggest every active parameter in order (``only``: just those)."""
     chosen: dict[str, Any] = {}
     for name, spec in space.params.items():
-        if not spec.active(chosen):
+        if not spec.active(chosen) or (only is not None and name not in only):
             continue
         if spec.kind == "choice":
             value = trial.suggest_categorical(name, spec.values)

@@ -1,92 +1,52 @@
-"""Hyperparameter search: Ray Tune ASHA + Optuna TPE on the proxy set.
+"""Hyperparameter search: the incumbent against Ray Tune ASHA + Optuna TPE on the proxy set.
 
-Stage ``search``: every trial runs the one training loop (:func:`pipeline.asr.training.train_model`)
-on the run's proxy train split and reports dev WER each epoch through ``tune.report``
-with a checkpoint; ``ASHAScheduler`` (time attribute ``epoch``) stops the weak trials
-early; ``ConcurrencyLimiter(OptunaSearch(...))`` proposes configurations with a seeded
-TPE sampler. A preempted trial restarts from its last checkpoint (``tune.get_checkpoint``,
-``FailureConfig(max_failures)``); a retried stage restores the experiment from the
-run's work area with ``Tuner.restore`` instead of starting over.
+Stage ``search``. Trial 0 is always the incumbent — production's configuration, read from
+the registered production model (:mod:`~pipeline.stages.search.incumbent`), or the configured
+default at a cold start — trained like every other trial; the best trials of earlier runs
+(``state/search/history.jsonl``) come next, then Optuna's TPE. Every trial runs the one
+training loop (:func:`pipeline.asr.training.train_model`) on the run's proxy train split and
+reports every epoch; ASHA stops the weak ones at rungs sized from the proxy and the
+full-training budget (:mod:`~pipeline.stages.search.rungs`), never the incumbent, and Optuna
+hears of stopped trials as pruned (:mod:`~pipeline.stages.search.tuner`). A preempted trial
+restarts from its last rung's checkpoint (``FailureConfig(max_failures)``); a retried stage
+restores the experiment (``Tuner.restore``) and the incumbent it recorded.
 
-Warm start: the production configuration (when given) and the best trials of earlier
-runs (``state/search/history.jsonl``) are evaluated first (``points_to_evaluate``).
+Selection (:mod:`~pipeline.stages.search.selection`): only trials that reached the top rung
+can win, ranked by dev WER there (CER breaks ties); the winner replaces the incumbent only if
+it is ``search.min_improvement`` better, otherwise full training gets the incumbent's
+configuration. ``search.fidelity_top_k >= 2`` adds the proxy-fidelity check
+(:mod:`~pipeline.stages.search.fidelity`).
 
-Outputs in ``runs/{run_id}/search/``: ``best_config.json``, ``leaderboard.json``,
-``importance.json`` (Optuna fANOVA over completed trials), ``curves.png`` and
-``importance.png``; everything is logged to MLflow as one parent run with a nested run
-per trial. Front-end choices in the space (n_mels, win_ms, hop_ms) each get their own
-feature cache, built before the trials start.
+Outputs in ``runs/{run_id}/search/``: ``best_config.json`` (the hyperparameters full training
+uses, with ``_selection``: the decision and its reason), ``leaderboard.json``,
+``importance.json``, ``curves.png``, ``importance.png``; MLflow gets one parent run with a
+nested run per trial. Front-end choices (n_mels, win_ms, hop_ms) each get their own feature
+cache, built before the trials start.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-import os
+import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, FeatureConfig
+from pipeline.config import FeatureConfig
 from pipeline.run import RunContext
-from pipeline.stages.search.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space, optuna_distributions, suggest
+from pipeline.stages.search.fidelity import fidelity_alert, measure_fidelity
+from pipeline.stages.search.incumbent import Incumbent, find_incumbent
+from pipeline.stages.search.report import importance, log_mlflow, plots
+from pipeline.stages.search.rungs import RungPlan, plan_rungs
+from pipeline.stages.search.selection import WINNER, chosen_row, leaderboard, select
+from pipeline.stages.search.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space
+from pipeline.stages.search.trial import frontend_key, trial_hparams
+
+log = logging.getLogger(__name__)
 
 STAGE = "search"
-STATE_FILE = "state.pt"
-DIVERGED_WER = 10.0  # reported for a diverged trial: worse than any real WER
 HISTORY_KEY = ("search", "history.jsonl")
-
-
-def _frontend_key(fe: FeatureConfig) -> str:
-    return f"{fe.n_mels}/{fe.win_ms:g}/{fe.hop_ms:g}"
-
-
-def _trial(params: dict[str, Any], data: dict[str, Any]) -> None:
-    """One Tune trial (a function trainable): train on the proxy, report dev WER per epoch."""
-    import torch
-    from ray import tune
-
-    from pipeline.asr.training import TrainingDiverged, resolve_augment, resolve_hparams, train_model
-    from pipeline.data.dataset import IndexedFeatures
-    from pipeline.data.features import FeatureStore
-    from pipeline.storage import open_store
-
-    torch.set_num_threads(max(1, int(data["threads"])))
-    config = Config.model_validate(data["config"])
-    fe = config.features.model_copy(update={k: params[k] for k in FRONTEND_PARAMS if k in params})
-    part = data["frontends"][_frontend_key(fe)]
-    fs = FeatureStore(open_store(data["root"], config.storage), part["index"])
-    train_set, dev_set = IndexedFeatures(fs, part["train"]), IndexedFeatures(fs, part["dev"])
-    model_cfg, train_cfg = resolve_hparams(config, {k: v for k, v in params.items() if k not in FRONTEND_PARAMS})
-    train_cfg = train_cfg.model_copy(update={"seed": int(data["seed"])})
-
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    last_epoch = int(resume["epoch"]) if resume else 0
-    resumed_from = last_epoch  # > 0: this attempt continues a preempted one from its checkpoint
-
-    def report(rep, state):
-        nonlocal last_epoch
-        last_epoch = rep.epoch
-        metrics = {**rep.metrics(), "diverged": False, "resumed_from": resumed_from, "pid": os.getpid()}
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-    try:
-        train_model(
-            model_cfg, train_cfg, train_set, dev_set,
-            n_mels=fs.n_mels, feature_mean=fs.mean, feature_var=fs.var,
-            resume=resume, report=report, max_epochs=int(data["max_epochs"]), augment=resolve_augment(config, params),
-        )
-    except TrainingDiverged as exc:
-        tune.report({"epoch": last_epoch + 1, "dev_wer": DIVERGED_WER, "dev_cer": DIVERGED_WER,
-                     "dev_loss": 1e9, "diverged": True, "status_message": str(exc)})
 
 
 def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
@@ -99,20 +59,35 @@ def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
     return out[0], out[1]
 
 
-def _prepare_frontends(ctx: RunContext, space: SearchSpace, progress: bool) -> dict[str, Any]:
+def _frontends(ctx: RunContext, space: SearchSpace, incumbent: Incumbent) -> list[FeatureConfig]:
+    """The space's front ends and the incumbent's (production's may lie outside the space)."""
+    own = ctx.config.features.model_copy(update={k: incumbent.hparams[k] for k in FRONTEND_PARAMS})
+    out = space.frontends(ctx.config.features)
+    return out + [own] if own not in out else out
+
+
+def _prepare_frontends(ctx: RunContext, space: SearchSpace, incumbent: Incumbent, progress: bool) -> dict[str, Any]:
+    """Per front end: the pool's feature index, the proxy's train/dev positions in it, and the
+    train stage's split of the whole pool (for the rungs and the fidelity check)."""
     from pipeline.asr.extraction import extract_pool_features
+    from pipeline.data.dataset import split_by_utterance
     from pipeline.data.features import load_feature_index
 
     train_ids, dev_ids = _proxy_ids(ctx)
+    t = ctx.config.train
     parts: dict[str, Any] = {}
-    for fe in space.frontends(ctx.config.features):
+    for fe in _frontends(ctx, space, incumbent):
         stage = extract_pool_features(ctx, fe, progress=progress)["stage"]
         index = load_feature_index(ctx.store, ctx.run_id, stage=stage)
         pos = {u["utt_id"]: i for i, u in enumerate(index["utterances"])}
         missing = [u for u in train_ids + dev_ids if u not in pos]
         if missing:
             raise RuntimeError(f"{len(missing)} proxy utterances have no features (e.g. {missing[0]!r}): re-run features")
-        parts[_frontend_key(fe)] = {"index": index, "train": [pos[u] for u in train_ids], "dev": [pos[u] for u in dev_ids]}
+        full_train, full_dev = split_by_utterance(index["utterances"], t.dev_fraction, t.seed)
+        parts[frontend_key(fe.n_mels, fe.win_ms, fe.hop_ms)] = {
+            "index": index, "proxy_train": [pos[u] for u in train_ids], "proxy_dev": [pos[u] for u in dev_ids],
+            "full_train": full_train, "full_dev": full_dev,
+        }
     return parts
 
 
@@ -123,232 +98,25 @@ def read_history(ctx: RunContext) -> list[dict[str, Any]]:
     return [json.loads(line) for line in ctx.store.get_text(key).splitlines() if line.strip()]
 
 
-def warm_start_points(
-    ctx: RunContext, space: SearchSpace, production_hparams: dict[str, Any] | None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Production's configuration first, then the best trials of earlier runs, as valid points."""
-    points: list[dict[str, Any]] = []
-    sources: list[str] = []
-    if production_hparams:
-        points.append(filter_point(space, production_hparams))
-        sources.append("production")
-    else:  # cold start: the configured default stands in for production's configuration
-        cfg = ctx.config
-        points.append(filter_point(space, {**cfg.features.model_dump(), **cfg.model.model_dump(), **cfg.train.model_dump(),
-                                              "vtlp": cfg.augment.vtlp}))
-        sources.append("config-default")
+def warm_start_points(ctx: RunContext, space: SearchSpace, incumbent: Incumbent) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(point, Optuna user_attrs) to enqueue: the incumbent first, then earlier runs' best trials."""
+    first = incumbent.point(space)
+    points = [(first, {"incumbent": incumbent.source, "point": first})]
     earlier = [
         (t["best_dev_wer"], entry["run_id"], t["config"])
         for entry in read_history(ctx)
         if entry.get("run_id") != ctx.run_id
         for t in entry.get("top", [])
     ]
+    seen = [first]
     for wer, run_id, cfg in sorted(earlier, key=lambda x: x[0]):
         if len(points) >= ctx.config.search.warm_start_top_k + 1:
             break
         point = filter_point(space, cfg)
-        if point and point not in points:
-            points.append(point)
-            sources.append(f"run:{run_id} (dev WER {wer:.3f})")
-    return [p for p in points if p], sources
-
-
-def _build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], points: list[dict[str, Any]], trials: int, budget_s: float | None):
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from pipeline.ray import ray_storage
-
-    s = ctx.config.search
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, data=data),
-        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-    )
-    storage_path, storage_fs = ray_storage(ctx, STAGE)
-    path = os.path.join(storage_path, "tune")
-    restorable = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
-    if restorable:
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=storage_fs), True
-    if s.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
-    searcher = OptunaSearch(
-        space=functools.partial(suggest, space),
-        metric=s.metric,
-        mode="min",
-        points_to_evaluate=points or None,
-        sampler=sampler,
-    )
-    if s.scheduler == "fifo":
-        from ray.tune.schedulers import FIFOScheduler
-
-        scheduler = FIFOScheduler()
-    else:
-        scheduler = ASHAScheduler(
-            time_attr="epoch", max_t=s.max_epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
-        )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=s.metric,
-            mode="min",
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
-            scheduler=scheduler,
-            num_samples=trials,
-            time_budget_s=budget_s,
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
-        ),
-    )
-    return tuner, False
-
-
-def _curve(df, column: str) -> list[tuple[int, float]]:
-    if df is None or column not in df or "epoch" not in df:
-        return []
-    seen: dict[int, float] = {}
-    for epoch, value in zip(df["epoch"], df[column]):
-        if not (isinstance(epoch, float) and math.isnan(epoch)):
-            seen[int(epoch)] = float(value)
-    return sorted(seen.items())
-
-
-def _leaderboard(results, max_epochs: int, metric: str = "dev_wer") -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        df = r.metrics_dataframe
-        curve = _curve(df, "dev_wer")
-        metric_curve = _curve(df, metric)
-        metrics = r.metrics or {}
-        diverged = bool(metrics.get("diverged"))
-        epochs_run = curve[-1][0] if curve else 0
-        if r.error is not None:
-            status = "error"
-        elif diverged:
-            status = "diverged"
-        elif epochs_run >= max_epochs:
-            status = "completed"
-        else:
-            status = "asha_stopped"
-        wers = [w for _, w in curve if not diverged or w < DIVERGED_WER]
-        values = [v for _, v in metric_curve if not diverged]
-        tag = str(metrics.get("experiment_tag", ""))
-        rows.append(
-            {
-                "trial_id": metrics.get("trial_id") or (Path(r.path).name if r.path else None),
-                "trial_number": int(tag.split("_", 1)[0]) if tag.split("_", 1)[0].isdigit() else None,
-                "config": dict(r.config or {}),
-                "best_dev_wer": min(wers) if wers else None,
-                "metric": metric,
-                "best_metric": min(values) if values else None,
-                "last_dev_wer": curve[-1][1] if curve else None,
-                "epochs": epochs_run,
-                "status": status,
-                "stop_reason": status if status != "error" else f"error: {str(r.error).splitlines()[0][:200]}",
-                "curve": curve,
-                "metric_curve": metric_curve,
-                "resumed_from": sorted({int(v) for v in df["resumed_from"] if v == v and v > 0}) if df is not None and "resumed_from" in df else [],
-                "trial_seconds": float(sum(df["seconds"])) if df is not None and "seconds" in df else 0.0,
-            }
-        )
-    rank = {"completed": 0, "asha_stopped": 1, "diverged": 2, "error": 3}
-    rows.sort(key=lambda x: (x["best_metric"] is None, x["best_metric"] if x["best_metric"] is not None else 0, rank[x["status"]]))
-    return rows
-
-
-def _importance(space: SearchSpace, board: list[dict[str, Any]]) -> dict[str, float]:
-    import optuna
-
-    done = [r for r in board if r["status"] in ("completed", "asha_stopped") and r["best_metric"] is not None]
-    if len(done) < 3:
-        return {}
-    dists = optuna_distributions(space)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize")
-    for r in done:
-        params = {k: v for k, v in r["config"].items() if k in dists}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=r["best_metric"]))
-    try:
-        imp = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    except (RuntimeError, ValueError):
-        return {}
-    return {k: round(float(v), 4) for k, v in imp.items()}
-
-
-def _plots(board: list[dict[str, Any]], importance: dict[str, float], out: Path, config: Config) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = config.search
-    paths = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    metric = s.metric
-    cap = 1.5 if metric != "dev_loss" else float("inf")
-    for r in board:
-        if r["metric_curve"]:
-            e, w = zip(*[(e, min(w, cap)) for e, w in r["metric_curve"]])
-            ax.plot(e, w, marker="o", ms=3, alpha=0.8, label=f"#{r['trial_number']} {r['trial_id']} ({r['status']})")
-    rung = s.grace_period
-    while rung < s.max_epochs:
-        ax.axvline(rung, color="grey", ls=":", lw=1)
-        rung *= s.reduction_factor
-    ax.set_xlabel("epoch (dotted: ASHA rungs)")
-    ax.set_ylabel(f"{metric} (proxy dev split)")
-    ax.set_title(f"Search: {metric} per trial (ASHA stops the weak ones at the rungs)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    if importance:
-        fig, ax = plt.subplots(figsize=(6, 0.3 * len(importance) + 1))
-        names = list(importance)[::-1]
-        ax.barh(names, [importance[n] for n in names], color="#3b7dd8")
-        ax.set_xlabel("fANOVA importance")
-        fig.tight_layout()
-        paths.append(out / "importance.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def _log_mlflow(ctx: RunContext, board: list[dict[str, Any]], best: dict[str, Any], files: list[Path], summary: dict[str, Any]) -> str:
-    import mlflow
-
-    from pipeline.tracking import SEARCH_EXPERIMENT, quiet_mlflow, setup_mlflow
-
-    quiet_mlflow()
-    exp = setup_mlflow(ctx.config.mlflow, SEARCH_EXPERIMENT)
-    client = mlflow.MlflowClient()
-    # a retried stage replaces what an earlier attempt logged for this run
-    for old in client.search_runs([exp], filter_string=f"tags.asr_run_id = '{ctx.run_id}'"):
-        client.delete_run(old.info.run_id)
-    with mlflow.start_run(experiment_id=exp, run_name=f"search {ctx.run_id}", tags={"asr_run_id": ctx.run_id, "asr_kind": "search"}) as parent:
-        mlflow.log_params({f"best.{k}": v for k, v in best.items()})
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-        for f in files:
-            mlflow.log_artifact(str(f))
-        for r in board:
-            with mlflow.start_run(experiment_id=exp, run_name=r["trial_id"], nested=True,
-                                  tags={"asr_run_id": ctx.run_id, "asr_kind": "trial", "status": r["status"], "stop_reason": r["stop_reason"]}):
-                mlflow.log_params(r["config"])
-                for epoch, wer in r["curve"]:
-                    if math.isfinite(wer):
-                        mlflow.log_metric("dev_wer", wer, step=epoch)
-        return parent.info.run_id
+        if point and point not in seen:
+            seen.append(point)
+            points.append((point, {"warm_start": f"run:{run_id} (dev WER {wer:.3f})"}))
+    return points
 
 
 def search(
@@ -359,88 +127,163 @@ def search(
     production_hparams: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Stage ``search``: ASHA + TPE on the proxy; returns the best configuration and the leaderboard's head."""
+    """Stage ``search``: the incumbent and ASHA + TPE on the proxy; returns the selected configuration,
+    why it was selected, and the leaderboard's head. ``production_hparams`` overrides the registry."""
     return ctx.run_stage(STAGE, lambda: _search(ctx, trials, budget_s, production_hparams, progress))
 
 
-def _search(ctx: RunContext, trials: int | None, budget_s: float | None, production_hparams: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+def _experiment_data(ctx: RunContext, incumbent: Incumbent, parts: dict[str, Any], plan: RungPlan) -> dict[str, Any]:
+    """What every trial receives (through Ray's object store, once)."""
+    s = ctx.config.search
+    return {
+        "config": ctx.config.model_dump(mode="json"),
+        "root": ctx.store.root,
+        "frontends": parts,
+        "base": incumbent.hparams,
+        "max_epochs": plan.max_t,
+        "warmup_scale": plan.warmup_scale,
+        "checkpoint_epochs": list(plan.rungs),
+        "seed": s.seed,
+        "threads": max(1, int(s.cpus_per_trial)),
+    }
+
+
+def _setup(ctx: RunContext, production_hparams: dict[str, Any] | None,
+           progress: bool) -> tuple[SearchSpace, Incumbent, RungPlan, dict[str, Any]]:
+    """The space, the incumbent, the rungs and what every trial receives."""
+    s = ctx.config.search
+    space = load_space(s.space_path())
+    incumbent = find_incumbent(ctx, production_hparams)
+    parts = _prepare_frontends(ctx, space, incumbent, progress)
+    own = parts[frontend_key(*(incumbent.hparams[k] for k in FRONTEND_PARAMS))]
+    plan = plan_rungs(s, ctx.config.train, proxy_train=len(own["proxy_train"]), pool_train=len(own["full_train"]),
+                      batch_size=int(incumbent.hparams["batch_size"]))
+    return space, incumbent, plan, _experiment_data(ctx, incumbent, parts, plan)
+
+
+def check_fidelity(ctx: RunContext, k: int | None = None, known: dict[str, float] | None = None) -> dict[str, Any]:
+    """The proxy-fidelity check of this run's finished search, on demand (the benchmark calls it):
+    its top-k configurations trained on the full pool (``known``: trial id -> full-training dev WER
+    already measured); it changes none of the stage's outputs."""
     from pipeline.ray import ensure_ray
+
+    if not ctx.is_complete(STAGE):
+        raise RuntimeError(f"run {ctx.run_id!r} has no finished search: run the search stage first")
+    s = ctx.config.search
+    _, _, _, data = _setup(ctx, None, False)
+    board = json.loads(ctx.store.get_text(ctx.stage_key(STAGE, "leaderboard.json")))
+    ensure_ray(ctx.config)
+    return measure_fidelity(ctx, data, board, k or max(2, s.fidelity_top_k), s.fidelity_floor, known)
+
+
+def _search(ctx: RunContext, trials: int | None, budget_s: float | None, production_hparams: dict[str, Any] | None,
+            progress: bool) -> dict[str, Any]:
+    from pipeline.ray import ensure_ray
+    from pipeline.stages.search.tuner import build_tuner, startup_trials
 
     s = ctx.config.search
     trials = trials or s.trials
     budget_s = budget_s if budget_s is not None else s.budget_s
-    space = load_space(s.space_path())
-    data = {
-        "config": ctx.config.model_dump(mode="json"),
-        "root": ctx.store.root,
-        "frontends": _prepare_frontends(ctx, space, progress),
-        "max_epochs": s.max_epochs,
-        "seed": s.seed,
-        "threads": max(1, int(s.cpus_per_trial)),
-    }
-    points, sources = warm_start_points(ctx, space, production_hparams)
+    space, incumbent, plan, data = _setup(ctx, production_hparams, progress)
+    enqueue = warm_start_points(ctx, space, incumbent)
     ensure_ray(ctx.config)
-    tuner, restored = _build_tuner(ctx, space, data, points, trials, budget_s)
+    tuner, restored = build_tuner(ctx, space, data, plan, enqueue, trials, budget_s)
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
-    results = [grid[i] for i in range(len(grid))]
-    board = _leaderboard(results, s.max_epochs, s.metric)
-    ok = [r for r in board if r["best_metric"] is not None and r["status"] in ("completed", "asha_stopped")]
-    if not ok:
+    board = leaderboard([grid[i] for i in range(len(grid))], plan.max_t, s.metric)
+    if not any(r["best_metric"] is not None and r["status"] in ("completed", "asha_stopped") for r in board):
         reasons = sorted({r["stop_reason"] for r in board})
         raise RuntimeError(f"search produced no usable trial ({len(board)} trials: {reasons})")
-    best = ok[0]["config"]
-    importance = _importance(space, board)
-    out = ctx.stage_prefix(STAGE)
-    trial_epochs = sum(r["epochs"] for r in board)
+    selection = select(board, s.min_improvement)
+    chosen = chosen_row(board, selection)
+    best = trial_hparams(chosen["config"], incumbent.hparams) if chosen else dict(incumbent.hparams)
+    summary = _summary(ctx, board, incumbent, plan, selection, chosen, restored, wall)
+    summary["warm_start"] = [incumbent.source] + [attrs["warm_start"] for _, attrs in enqueue[1:]]
+    summary["n_startup_trials"] = startup_trials(s, trials) if s.sampler == "tpe" else None
+    if s.fidelity_top_k >= 2:
+        summary["fidelity"] = measure_fidelity(ctx, data, board, s.fidelity_top_k, s.fidelity_floor)
+        alert = fidelity_alert(summary["fidelity"])
+        if alert:
+            summary["alerts"].append(alert)
+    _write_outputs(ctx, space, plan, board, best, selection, summary)
+    _append_history(ctx, board)
+    return summary
+
+
+def _summary(ctx: RunContext, board: list[dict[str, Any]], incumbent: Incumbent, plan: RungPlan,
+             selection: dict[str, Any], chosen: dict[str, Any] | None, restored: bool, wall: float) -> dict[str, Any]:
+    s = ctx.config.search
+    inc_row = next((r for r in board if r["incumbent"]), None)
+    inc_top = (inc_row or {}).get("top_rung") or {}
+    top = [r for r in board if r["top_rung"] is not None]
     trial_seconds = sum(r["trial_seconds"] for r in board)
-    summary = {
+    summary: dict[str, Any] = {
         "trials": len(board),
         "restored": restored,
-        "warm_start": sources,
-        "best_dev_wer": ok[0]["best_dev_wer"],
+        "incumbent": {**incumbent.describe(), "trial_id": inc_row["trial_id"] if inc_row else None,
+                      "top_rung_dev_wer": inc_top.get("dev_wer")},
+        "selection": selection,
+        "rungs": plan.describe(),
+        "best_trial": chosen["trial_id"] if chosen else None,
+        "best_dev_wer": (chosen["top_rung"] or {}).get("dev_wer") if chosen else None,
         "metric": s.metric,
-        "best_metric": ok[0]["best_metric"],
-        "best_trial": ok[0]["trial_id"],
+        "best_metric": chosen["best_metric"] if chosen else None,
         "statuses": {k: sum(1 for r in board if r["status"] == k) for k in ("completed", "asha_stopped", "diverged", "error")},
-        "trial_epochs": trial_epochs,
-        "full_budget_epochs": len(board) * s.max_epochs,
+        "top_rung": {"epoch": plan.max_t, "trials": len(top), "decoding": sum(1 for r in top if r["top_rung"]["dev_wer"] < 1)},
+        "trial_epochs": sum(r["epochs"] for r in board),
+        "full_budget_epochs": len(board) * plan.max_t,
         "wall_s": round(wall, 2),
         "trial_compute_s": round(trial_seconds, 2),
+        "overhead_per_slot": round(wall * s.max_concurrent / trial_seconds, 3) if trial_seconds else None,
+        "alerts": [],
     }
+    if inc_top.get("dev_wer", 0.0) >= 1:
+        message = (f"the incumbent still decodes nothing at the top rung (epoch {plan.max_t}, dev WER "
+                   f"{inc_top['dev_wer']:.3f}): the rungs are too short to rank; raise search.top_rung_fraction")
+        log.warning(message)
+        summary["alerts"].append({"kind": "rungs-too-short", "severity": "warning", "message": message})
+    return summary
+
+
+def _write_outputs(ctx: RunContext, space: SearchSpace, plan: RungPlan, board: list[dict[str, Any]],
+                   best: dict[str, Any], selection: dict[str, Any], summary: dict[str, Any]) -> None:
+    out = ctx.stage_prefix(STAGE)
+    imp = importance(space, board)
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         files = {
-            "best_config.json": json.dumps(best, indent=2, sort_keys=True),
+            "best_config.json": json.dumps({**best, "_selection": selection}, indent=2, sort_keys=True),
             "leaderboard.json": json.dumps(board, indent=2),
-            "importance.json": json.dumps(importance, indent=2),
+            "importance.json": json.dumps(imp, indent=2),
         }
         for name, text in files.items():
             (tmpd / name).write_text(text)
-        pngs = _plots(board, importance, tmpd, ctx.config)
+        pngs = plots(board, imp, tmpd, ctx.config.search.metric, plan)
         all_files = [tmpd / n for n in files] + pngs
-        summary["mlflow_run_id"] = _log_mlflow(ctx, board, best, all_files, summary)
+        summary["mlflow_run_id"] = log_mlflow(ctx, board, best, all_files, summary)
         for f in all_files:
             ctx.store.upload_file(f"{out}/{f.name}", f)
-    _append_history(ctx, board)
     summary["best_config"] = best
     summary["leaderboard_head"] = [
-        {k: r[k] for k in ("trial_id", "best_dev_wer", "best_metric", "epochs", "status")} for r in board[:5]
+        {"trial_id": r["trial_id"], "source": r["source"], "top_rung_dev_wer": (r["top_rung"] or {}).get("dev_wer"),
+         "best_dev_wer": r["best_dev_wer"], "best_metric": r["best_metric"], "epochs": r["epochs"], "status": r["status"]}
+        for r in board[:5]
     ]
     summary["best_config_uri"] = ctx.store.uri(f"{out}/best_config.json")
-    return summary
+    summary["decision"] = selection["decision"]
+    summary["winner_selected"] = selection["decision"] == WINNER
 
 
 def _append_history(ctx: RunContext, board: list[dict[str, Any]]) -> None:
     key = ctx.state_key(*HISTORY_KEY)
     entries = [e for e in read_history(ctx) if e.get("run_id") != ctx.run_id]
-    top = [{"config": r["config"], "best_dev_wer": r["best_dev_wer"]} for r in board
-           if r["status"] == "completed" and r["best_dev_wer"] is not None][:5]
+    top = [{"config": r["config"], "best_dev_wer": r["top_rung"]["dev_wer"]} for r in board if r["top_rung"]][:5]
     entries.append({"run_id": ctx.run_id, "top": top})
     ctx.store.put_text(key, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
 def load_best_config(ctx: RunContext) -> dict[str, Any] | None:
+    """The hyperparameters the search selected (with its ``_selection`` note, which training ignores)."""
     key = ctx.stage_key(STAGE, "best_config.json")
     return json.loads(ctx.store.get_text(key)) if ctx.store.exists(key) else None
