@@ -29,8 +29,8 @@ import jinja2
 from pipeline.asr.metrics import UttScore, format_pct, format_points
 from pipeline.stages.gate.charts import bootstrap_chart, forest_plot, group_chart, is_number, training_chart
 
-_PREFERRED_LEADERBOARD = ("trial_id", "status", "best_dev_wer", "last_dev_wer", "epochs", "metric", "best_metric",
-                         "stop_reason")
+_PREFERRED_LEADERBOARD = ("trial_id", "source", "status", "top_rung_dev_wer", "best_dev_wer", "last_dev_wer", "epochs",
+                         "metric", "best_metric", "stop_reason")
 RULE_TITLES = {
     "finite_outputs": "No NaN/Inf in the candidate's outputs",
     "wer_ceiling": "Candidate WER under the ceiling",
@@ -54,6 +54,7 @@ class ReportInputs:
     leaderboard_rows: int = 10
     notes: list[str] = field(default_factory=list)
     utterance_samples: Sequence[float] = ()  # utterance-level, shown beside it
+    search_selection: dict[str, Any] | None = None  # the search's winner-vs-incumbent decision
 
 
 def render_html(inp: ReportInputs) -> str:
@@ -100,6 +101,7 @@ def _context(inp: ReportInputs) -> dict[str, Any]:
         "groups": sorted(d.get("groups", []), key=lambda g: (g["kind"] != "cohort", g["kind"], g["key"])),
         "utterances": changed_utterances(inp.candidate, inp.production, inp.top_utts),
         "leaderboard": _leaderboard(inp.leaderboard, inp.leaderboard_rows),
+        "selection": inp.search_selection,
         "history": inp.history or [],
         "epochs": [r for r in (inp.history or []) if is_number(r.get("epoch"))],
         "notes": inp.notes,

@@ -248,6 +248,7 @@ def _write_report(ctx: Any, cfg: GateConfig, keys: dict[str, str], decision: dic
         bootstrap_samples=samples,
         utterance_samples=utterance_samples,
         leaderboard=_optional_json(ctx.store, ctx.stage_key("search", "leaderboard.json"), notes),
+        search_selection=(_optional_json(ctx.store, ctx.stage_key("search", "best_config.json"), notes) or {}).get("_selection"),
         history=_optional_json(ctx.store, ctx.stage_key("train", "history.json"), notes),
         notes=notes,
         top_utts=cfg.report_top_utts,
