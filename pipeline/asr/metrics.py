@@ -125,42 +125,34 @@ def paired_bootstrap(
     errors_b: Sequence[int],
     words: Sequence[int],
     *,
+    blocks: Sequence[Any] | None = None,
     n_resamples: int = 2000,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
-    """CI of WER(a) - WER(b), resampling utterances with replacement (paired: same draws for both)."""
-    ea, eb, w = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b, words))
-    if not (len(ea) == len(eb) == len(w)) or len(w) == 0:
-        raise ValueError("paired bootstrap needs equally long, non-empty per-utterance arrays")
-    deltas = _resampled_deltas(_utterance_plan(len(w), n_resamples, seed), ea, eb, w)
-    return _boot_result(ea, eb, w, deltas, confidence, method="utterance", n_blocks=len(w))
+    """CI of WER(a) - WER(b), paired (both models scored on the same draws).
 
-
-def blockwise_bootstrap(
-    errors_a: Sequence[int],
-    errors_b: Sequence[int],
-    words: Sequence[int],
-    blocks: Sequence[Any],
-    *,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict[str, Any]:
-    """CI of WER(a) - WER(b), resampling blocks (speakers), then utterances within each block.
-
-    One resample draws S blocks with replacement out of the S there are; a block drawn
+    Without ``blocks``: utterances resampled with replacement. With ``blocks`` (speakers):
+    one resample draws S blocks with replacement out of the S there are; a block drawn
     ``c`` times contributes ``c`` independent resamples (``n_k`` draws with replacement)
-    of its own ``n_k`` utterances. Paired: both models are scored on the same draws. With
-    one block it is the utterance-level bootstrap of that block.
+    of its own ``n_k`` utterances. With one block it is the utterance-level bootstrap of that block.
     """
     ea, eb, w = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b, words))
-    if not (len(ea) == len(eb) == len(w) == len(blocks)) or len(w) == 0:
-        raise ValueError("blockwise bootstrap needs equally long, non-empty per-utterance arrays and blocks")
+    if not (len(ea) == len(eb) == len(w)) or len(w) == 0 or (blocks is not None and len(blocks) != len(w)):
+        raise ValueError("paired bootstrap needs equally long, non-empty per-utterance arrays (and blocks)")
+    if blocks is None:
+        deltas = _resampled_deltas(_utterance_plan(len(w), n_resamples, seed), ea, eb, w)
+        return _boot_result(ea, eb, w, deltas, confidence, method="utterance", n_blocks=len(w))
     _, code = np.unique(np.asarray([str(b) for b in blocks]), return_inverse=True)
     plan = _block_plan(np.ascontiguousarray(code, dtype=np.int64).tobytes(), n_resamples, seed)
     deltas = _resampled_deltas(plan, ea, eb, w)
     return _boot_result(ea, eb, w, deltas, confidence, method="blockwise", n_blocks=int(code.max()) + 1)
+
+
+def blockwise_bootstrap(errors_a: Sequence[int], errors_b: Sequence[int], words: Sequence[int],
+                        blocks: Sequence[Any], **options: Any) -> dict[str, Any]:
+    """The paired bootstrap resampling ``blocks`` (speakers), then utterances within each (Bisani & Ney 2004)."""
+    return paired_bootstrap(errors_a, errors_b, words, blocks=blocks, **options)
 
 
 # A resampling plan is the matrix of how often each utterance is drawn in each resample

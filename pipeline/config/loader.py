@@ -9,24 +9,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config import sections as sec
+from pipeline.config import serving as srv
 from pipeline.config.base import PROJECT_ROOT, Section
-from pipeline.config.sections import (
-    AudioConfig,
-    AugmentConfig,
-    DemoConfig,
-    FeatureConfig,
-    GateConfig,
-    IngestConfig,
-    MlflowConfig,
-    ModelConfig,
-    OrchestrationConfig,
-    ProxyConfig,
-    RayConfig,
-    SearchConfig,
-    StorageConfig,
-    TrainConfig,
-)
-from pipeline.config.serving import CanaryConfig, ServingConfig
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
 ENV_FILE = "ASR_RETUNE_CONFIG"
@@ -40,22 +25,22 @@ class ConfigError(ValueError):
 class Config(Section):
     """The whole configuration: one field per section of the YAML file."""
 
-    storage: StorageConfig = StorageConfig()
-    audio: AudioConfig = AudioConfig()
-    demo: DemoConfig = DemoConfig()
-    ingest: IngestConfig = IngestConfig()
-    features: FeatureConfig = FeatureConfig()
-    augment: AugmentConfig = AugmentConfig()
-    proxy: ProxyConfig = ProxyConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    search: SearchConfig = SearchConfig()
-    gate: GateConfig = GateConfig()
-    orchestration: OrchestrationConfig = OrchestrationConfig()
-    serving: ServingConfig = ServingConfig()
-    canary: CanaryConfig = CanaryConfig()
-    ray: RayConfig = RayConfig()
-    mlflow: MlflowConfig = MlflowConfig()
+    storage: sec.StorageConfig = sec.StorageConfig()
+    audio: sec.AudioConfig = sec.AudioConfig()
+    demo: sec.DemoConfig = sec.DemoConfig()
+    ingest: sec.IngestConfig = sec.IngestConfig()
+    features: sec.FeatureConfig = sec.FeatureConfig()
+    augment: sec.AugmentConfig = sec.AugmentConfig()
+    proxy: sec.ProxyConfig = sec.ProxyConfig()
+    model: sec.ModelConfig = sec.ModelConfig()
+    train: sec.TrainConfig = sec.TrainConfig()
+    search: sec.SearchConfig = sec.SearchConfig()
+    gate: sec.GateConfig = sec.GateConfig()
+    orchestration: sec.OrchestrationConfig = sec.OrchestrationConfig()
+    serving: srv.ServingConfig = srv.ServingConfig()
+    canary: srv.CanaryConfig = srv.CanaryConfig()
+    ray: sec.RayConfig = sec.RayConfig()
+    mlflow: sec.MlflowConfig = sec.MlflowConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

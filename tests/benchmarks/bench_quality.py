@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.config import PROJECT_ROOT, AugmentConfig, Config, FeatureConfig, load_config  # noqa: E402
+from pipeline.config import PROJECT_ROOT, AugmentConfig, Config, load_config  # noqa: E402
 
 WORK = PROJECT_ROOT / ".asr-retune" / "bench" / "quality"
 NO_AUGMENT = {"copies": 0, "vtlp": 0.0}
