@@ -129,9 +129,6 @@ class AugmentConfig(Section):
             raise ValueError(f"range {list(v)}: the low end must not exceed the high end")
         return v
 
-    def waveform_augmentation(self) -> bool:
-        return self.copies > 0
-
 
 class ProxyConfig(Section):
     """The proxy set the search trains on: a seeded share of the pool, and its dev split."""
