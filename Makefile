@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup check-system demo test reliability bench quality clean lint
 
 help:
-	@echo "make demo    set up .venv, then two weekly runs of the Airflow DAG on the demo corpus (embedded default)"
+	@echo "make demo    set up .venv, then three weekly runs of the Airflow DAG on the demo corpus (embedded default): cold start, promotion, refusal"
 	@echo "make test    set up .venv, run the test suite (CI runs this)"
 	@echo "make reliability  the fault-injection suite, slow scenarios included; writes reliability-scorecard.json"
 	@echo "make bench   run the benchmarks in tests/benchmarks/ (prints JSON)"

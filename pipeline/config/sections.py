@@ -43,7 +43,7 @@ class DemoConfig(Section):
     """The demo corpus built from FSDD recordings and eSpeak NG voices."""
 
     fsdd_dir: str = "../shared/data/fsdd"
-    weeks: int = Field(2, ge=1, le=52)
+    weeks: int = Field(3, ge=1, le=52)
     utterances_per_week: int = Field(600, ge=1)
     golden_utterances: int = Field(
         300, ge=1, description="size of golden v1; v2 has its recipe's size (1,490: pipeline.demo.golden.V2_UTTERANCES)")

@@ -18,10 +18,11 @@ and the golden-only conditions (``quiet``) never appear in a drop.
 Every set draws its plans from its own seeded generator (:func:`golden_rng`,
 :func:`drop_rng`), up front, so a set's utterances do not move when another set changes.
 
-A "bad drop" (issue #18: a share of transcripts that belong to other audio) has its place
-here: :attr:`WeekPlan.mislabelled_share` (0 in every week today) makes :func:`plan_drop`
-give that share of the drop's utterances another utterance's transcript
-(:func:`mislabel`, :attr:`UtterancePlan.text_digits`).
+Week 3 is a bad drop (:data:`BAD_DROPS`): a vendor batch in which a share of the transcripts
+belong to other audio of the same drop. Every record passes ingest's rules (the audio, its
+duration and the transcript's characters are all valid); only the pairing is wrong.
+:attr:`WeekPlan.mislabelled_share` makes :func:`plan_drop` give that share of the drop's
+utterances another utterance's transcript (:func:`mislabel`, :attr:`UtterancePlan.text_digits`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from pipeline.demo.voices import (
 # FSDD speakers in order of arrival in the drops; george (Greek accent) never arrives.
 DROP_SPEAKERS: tuple[str, ...] = ("jackson", "nicolas", "yweweler", "lucas")
 HELD_OUT_SPEAKERS: tuple[str, ...] = ("george",)
+
+# The bad drops of the recipe: week -> share of its utterances whose transcript belongs to other audio.
+BAD_DROPS: dict[int, float] = {3: 0.6}
 
 _FORMAT_PERIOD = 30  # in every 30 drop utterances: one WAV at another rate (16 kHz), one stereo WAV, one FLAC
 _FORMAT_SLOTS = {7: "wav_other_rate", 17: "wav_stereo", 27: "flac"}
@@ -135,6 +139,7 @@ def plan_week(week: int) -> WeekPlan:
         accent_weights=rotating_weights(len(accents), week),
         variants=variants,
         regular_voices=tuple(v for v in REGULAR_VOICES if accent_of(v) in accents and variant_of(v) in variants),
+        mislabelled_share=BAD_DROPS.get(week, 0.0),
     )
 
 

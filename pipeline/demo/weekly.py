@@ -2,20 +2,24 @@
 
 :func:`run_weekly` calls the stage functions of :data:`pipeline.run.STAGES` in order, as
 the Airflow DAG does one task each; :func:`run_demo` writes each week's demo drop and runs
-it in-process, :func:`run_demo_airflow` runs the DAG itself (``airflow dags test``). For
-the CLI (``asr-retune demo``) and for tests that run the chain without Airflow.
+it in-process; :func:`run_demo_airflow` runs the DAG itself (``airflow dags test``, watched
+by :mod:`pipeline.demo.dagtest`). Both print one line per stage and end with the table of
+weeks (:mod:`pipeline.demo.summary`). For the CLI (``asr-retune demo``) and for tests that
+run the chain without Airflow.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import PROJECT_ROOT, Config
 from pipeline.run import RunContext
-from pipeline.storage import join, open_store
+from pipeline.storage import ObjectStore, join, open_store
+
+__all__ = ["run_demo", "run_demo_airflow", "run_weekly", "week_table"]
 
 
 def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
@@ -41,137 +45,118 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
 
 
 def run_weekly(ctx: RunContext, *, progress: bool = True, echo: bool = False) -> dict[str, Any]:
-    """Run every stage for ``ctx``'s run; a finished stage is skipped (its summary kept)."""
+    """Run every stage for ``ctx``'s run; a finished stage is skipped (its summary kept).
+    ``echo`` prints one line per stage (:func:`pipeline.demo.summary.stage_line`)."""
+    from pipeline.demo.summary import stage_line
+
     out: dict[str, Any] = {"run_id": ctx.run_id, "root": ctx.store.root, "stages": {}}
     for name, stage in _stages():
         t0 = time.perf_counter()
-        if echo:
-            print(f"== {name} ==", flush=True)
         summary = stage(ctx, progress)
         summary["wall_s"] = round(time.perf_counter() - t0, 2)
         out["stages"][name] = summary
         if echo:
-            _echo_summary(name, summary)
+            print(stage_line(name, summary), flush=True)
     return out
 
 
-def _echo_summary(name: str, summary: dict[str, Any]) -> None:
-    for key, value in summary.items():
-        if isinstance(value, list):
-            print(f"  {key}: {len(value)} item(s)")
-        elif isinstance(value, dict):
-            print(f"  {key}: {{{', '.join(f'{k}: {v}' for k, v in list(value.items())[:6])}{', ...' if len(value) > 6 else ''}}}")
-        else:
-            print(f"  {key}: {value}")
-
-
-def run_demo(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
-    """The demo: for each of ``demo.weeks`` weeks, write that week's drop, then run the weekly
-    pipeline on it (run id ``demo__week-NNN``). A week whose run finished is skipped, so a
-    second ``make demo`` returns at once (``make clean`` starts over)."""
+def _write_drop(store: ObjectStore, config: Config, week: int, progress: bool) -> str:
     from pipeline.demo.corpus import build_demo_corpus
     from pipeline.demo.schedule import drop_id_for_week
 
-    store = open_store(root, config.storage)
+    drop = drop_id_for_week(week)
+    if not store.exists(join("incoming", drop, "manifest.jsonl")):
+        build_demo_corpus(store, config.demo, config.audio.sample_rate, weeks=week, progress=progress)
+    return drop
+
+
+def _week_header(week: int, drop: str) -> str:
+    from pipeline.demo.schedule import plan_week
+
+    bad = plan_week(week).mislabelled_share
+    note = f" — the recipe's bad drop: {bad:.0%} of its transcripts belong to other audio" if bad else ""
+    return f"\n== week {week}: drop {drop}{note} =="
+
+
+def week_table(store: ObjectStore, config: Config, weeks: list[dict[str, Any]]) -> str:
+    """The final table: one row per week (``{"week", "drop", "run_id", "wall_s"}``), from its stage summaries."""
+    from pipeline.demo.summary import render_table, week_row
+
+    rows = []
+    for w in weeks:
+        ctx = RunContext(run_id=w["run_id"], config=config, store=store)
+        stages = {s: ctx.summary(s) for s in ("ingest", "search", "gate", "deploy") if ctx.is_complete(s)}
+        rows.append(week_row(w["week"], w["drop"], stages, w.get("wall_s")))
+    return render_table(rows)
+
+
+def _print_end(store: ObjectStore, config: Config, weeks: list[dict[str, Any]], extra: list[str]) -> None:
+    print("\n" + week_table(store, config, weeks), flush=True)
     golden = join("golden", config.demo.golden_version, "manifest.jsonl")
+    print(f"\ngolden set {config.demo.golden_version}: {store.uri(golden)}")
+    last = weeks[-1]["run_id"] if weeks else None
+    if last and store.exists(join("runs", last, "gate", "report.html")):
+        print(f"last gate report: {store.uri(join('runs', last, 'gate', 'report.html'))}")
+    for line in extra:
+        print(line)
+
+
+def run_demo(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
+    """The demo in-process: for each of ``demo.weeks`` weeks, write that week's drop, then run the
+    weekly pipeline on it (run id ``demo__week-NNN``). A week whose run finished is skipped, so a
+    second run returns at once (``make clean`` starts over)."""
+    store = open_store(root, config.storage)
     result: dict[str, Any] = {"root": store.root, "weeks": []}
     for week in range(1, config.demo.weeks + 1):
-        drop = drop_id_for_week(week)
-        if not store.exists(join("incoming", drop, "manifest.jsonl")):
-            if echo:
-                print(f"== week {week}: writing drop {drop} (and the golden set) under {store.root} ==", flush=True)
-            build_demo_corpus(store, config.demo, config.audio.sample_rate, weeks=week, progress=progress)
+        t0 = time.perf_counter()
+        drop = _write_drop(store, config, week, progress)
+        if echo:
+            print(_week_header(week, drop), flush=True)
         ctx = RunContext(run_id=f"demo__{drop}", config=config, store=store)
-        if echo:
-            print(f"\n######## weekly run {ctx.run_id} ########", flush=True)
         run = run_weekly(ctx, progress=progress, echo=echo)
-        result["weeks"].append(run)
-        if echo:
-            g = run["stages"].get("gate", {})
-            print(f"\ngate decision for {ctx.run_id}: {'PASSED' if g.get('passed') else 'FAILED'}"
-                  f" (candidate WER {g.get('candidate_wer')}, production WER {g.get('production_wer')})")
-            print(f"on-call report: {g.get('report_uri')}")
-            print(f"results of run {ctx.run_id}: {store.uri(ctx.stage_prefix(''))}")
+        result["weeks"].append({"week": week, "drop": drop, "run_id": ctx.run_id,
+                                "wall_s": round(time.perf_counter() - t0, 1), "stages": run["stages"]})
     if echo:
-        print(f"\nincoming drops:           {store.uri('incoming')}")
-        print(f"golden set:               {store.uri(golden)}")
-        print(f"training pool and caches: {store.uri('state')}")
+        _print_end(store, config, result["weeks"], [f"results: {store.uri('runs')}"])
     return result
 
 
 def run_demo_airflow(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:
     """The demo through Airflow: for each week, write that week's drop, then run the DAG
-    ``asr_weekly_retune`` with ``airflow dags test`` (SQLite metadata in ``.asr-retune/airflow``).
-    A week whose DAG run finished is skipped (``state/demo/week-NNN.json``)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from pipeline.config import PROJECT_ROOT
-    from pipeline.demo.corpus import build_demo_corpus
-    from pipeline.demo.schedule import drop_id_for_week
+    ``asr_weekly_retune`` with ``airflow dags test`` (SQLite metadata in ``.asr-retune/airflow``,
+    the run's full log in ``.asr-retune/logs/``). A week whose DAG run finished is skipped
+    (``state/demo/week-NNN.json``)."""
+    from pipeline.demo.dagtest import airflow_command, airflow_env, record_week, run_week_dag
 
     store = open_store(root, config.storage)
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    home = PROJECT_ROOT / ".asr-retune" / "airflow"
+    home, logs = PROJECT_ROOT / ".asr-retune" / "airflow", PROJECT_ROOT / ".asr-retune" / "logs"
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(PROJECT_ROOT / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(PROJECT_ROOT / "plugins"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
-        ASR_RETUNE__STORAGE__ROOT=store.root,
-    )
-
-    def airflow_cmd(*args: str) -> None:
-        done = subprocess.run([airflow, *args], env=env, cwd=PROJECT_ROOT, text=True,
-                              stdout=None if echo else subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        if done.returncode:
-            raise RuntimeError(f"airflow {' '.join(args[:3])} failed with exit code {done.returncode}")
-
+    logs.mkdir(parents=True, exist_ok=True)
+    env = airflow_env(home, store.root)
     if echo:
-        print(f"== Airflow: metadata in {home} (SQLite) ==", flush=True)
-    airflow_cmd("db", "migrate")
-    airflow_cmd("pools", "set", "asr_compute", "1", "Ray-bound stages of asr_weekly_retune")
+        print(f"Airflow metadata: {home} (SQLite); full logs: {logs}/", flush=True)
+    airflow_command(env, logs / "airflow-setup.log", "db", "migrate")
+    airflow_command(env, logs / "airflow-setup.log", "pools", "set", "asr_compute", "1", "Ray-bound stages of asr_weekly_retune")
     result: dict[str, Any] = {"root": store.root, "weeks": []}
     for week in range(1, config.demo.weeks + 1):
-        drop = drop_id_for_week(week)
+        t0 = time.perf_counter()
+        drop = _write_drop(store, config, week, progress)
         marker = join("state", "demo", f"{drop}.json")
         if store.exists(marker):
-            result["weeks"].append(json.loads(store.get_text(marker)))
+            done = json.loads(store.get_text(marker))
+            result["weeks"].append({**done, "drop": drop})
             if echo:
-                print(f"== week {week}: already run ({store.uri(marker)}); make clean to start over ==")
+                print(f"== week {week}: already run ({done['run_id']}); make clean to start over ==")
             continue
-        if not store.exists(join("incoming", drop, "manifest.jsonl")):
-            if echo:
-                print(f"== week {week}: writing drop {drop} under {store.root} ==", flush=True)
-            build_demo_corpus(store, config.demo, config.audio.sample_rate, weeks=week, progress=progress)
-        before = set(store.list_dirs("runs"))
+        log = logs / f"{drop}.log"
         if echo:
-            print(f"\n######## week {week}: airflow dags test asr_weekly_retune ########", flush=True)
-        airflow_cmd("dags", "test", "asr_weekly_retune", "-c", "{}")
-        new = sorted(set(store.list_dirs("runs")) - before)
-        if not new:
-            raise RuntimeError("the DAG run wrote no run partition")
-        ctx = RunContext(run_id=new[-1], config=config, store=store)
-        summary = {"week": week, "run_id": ctx.run_id, "stages": {}}
-        for stage in ("ingest", "search", "train", "gate", "register", "deploy"):
-            if ctx.is_complete(stage):
-                summary["stages"][stage] = ctx.summary(stage)
-        store.put_text(marker, json.dumps({"week": week, "run_id": ctx.run_id}))
-        result["weeks"].append(summary)
-        if echo:
-            g = summary["stages"].get("gate", {})
-            d = summary["stages"].get("deploy", {})
-            print(f"\ngate decision for {ctx.run_id}: {'PASSED' if g.get('passed') else 'FAILED'}"
-                  f" (candidate WER {g.get('candidate_wer')}, production WER {g.get('production_wer')})")
-            print(f"on-call report: {g.get('report_uri')}")
-            if d:
-                print(f"canary: {d.get('outcome')} ({d.get('reason')})")
+            print(_week_header(week, drop) + f"  (airflow dags test; log: {log})", flush=True)
+        ctx = run_week_dag(config, store, env, log, bars=progress and echo)
+        wall = time.perf_counter() - t0
+        record_week(store, week, drop, ctx, wall)
+        result["weeks"].append({"week": week, "drop": drop, "run_id": ctx.run_id, "wall_s": round(wall, 1)})
     if echo:
-        print(f"\nincoming drops: {store.uri('incoming')}\ngolden set:     {store.uri(join('golden', config.demo.golden_version, 'manifest.jsonl'))}")
-        print("serving: asr-retune serve status   (router address; then: curl --data-binary @a.wav -H 'Content-Type: audio/wav' http://127.0.0.1:PORT/predictions/asr)")
+        _print_end(store, config, result["weeks"], [
+            "serving: asr-retune serve status  (then: curl --data-binary @a.wav -H 'Content-Type: audio/wav' "
+            "http://127.0.0.1:PORT/predictions/asr)"])
     return result

@@ -48,6 +48,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from pipeline.config import Config
     from pipeline.data.dataset import IndexedFeatures
     from pipeline.data.features import FeatureStore
+    from pipeline.progress import Progress
     from pipeline.storage import open_store
 
     torch.set_num_threads(int(loop_config.get("threads", 1)))
@@ -61,9 +62,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     resume = _load_state(checkpoint) if checkpoint is not None else None
 
     resumed_from = int(resume["epoch"]) if resume is not None else 0  # > 0: a restart after a lost worker or driver
+    train_cfg = TrainConfig.model_validate(loop_config["train"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    bar = Progress("train", train_cfg.epochs, "epoch", enabled=False, path=loop_config.get("progress_file") if rank0 else None)
+    bar.update(resumed_from)
 
     def report(rep, state):
         metrics = {**rep.metrics(), "resumed_from": resumed_from, "pid": os.getpid()}
+        bar.update(1, dev_wer=f"{metrics['dev_wer']:.3f}")
         if state is None:
             ray.train.report(metrics)
             return
@@ -73,7 +79,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     train_model(
         ModelConfig.model_validate(loop_config["model"]),
-        TrainConfig.model_validate(loop_config["train"]),
+        train_cfg,
         train_set,
         dev_set,
         n_mels=fs.n_mels,
@@ -84,6 +90,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         augment=AugmentConfig.model_validate(loop_config["augment"]),
         init_state=loop_config.get("init_state"),
     )
+    bar.close()
 
 
 def train_full(
@@ -191,6 +198,7 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.progress import progress_file
     from pipeline.ray import ray_storage
 
     storage_path, storage_fs = ray_storage(ctx, STAGE)
@@ -209,6 +217,7 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
             "augment": augment.model_dump(mode="json"),
             "threads": max(1, (os.cpu_count() or 1) // train_cfg.num_workers),
             "init_state": init_state,
+            "progress_file": progress_file(),  # rank 0 keeps it up to date (pipeline.progress)
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
         torch_config=TorchConfig(timeout_s=train_cfg.hang_timeout_s),

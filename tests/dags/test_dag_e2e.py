@@ -12,6 +12,7 @@ the tiny demo corpus; ~1 minute in all on 2 cores (most of it Airflow start-up a
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sqlite3
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from support.dag_env import DAG_ID, PROJECT_ROOT, TINY, airflow_env
+
+from pipeline.demo.dagtest import run_week_dag
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))  # the airflow of this test environment
 FAULTS = "ingest:after,features:after,proxy:before"
@@ -67,18 +70,18 @@ def e2e(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     timings["airflow_setup_s"] = time.perf_counter() - t0
 
+    # the demo's driver runs `airflow dags test` and watches it (pipeline.demo.dagtest)
     t0 = time.perf_counter()
-    out = _airflow(
-        ["dags", "test", DAG_ID, "2026-11-30T03:00:00+00:00", "-c", json.dumps(CONF)],
-        {**env, "ASR_RETUNE_TEST_FAIL_ONCE": FAULTS, "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1"},
-        600, tmp / "dags-test.log",
-    )
+    printed = io.StringIO()
+    ctx = run_week_dag(config, open_store(None, config.storage),
+                       {**env, "ASR_RETUNE_TEST_FAIL_ONCE": FAULTS, "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1"},
+                       tmp / "dags-test.log", conf=CONF, out=printed, bars=False)
     timings["dags_test_s"] = time.perf_counter() - t0
     print(f"e2e timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})} (log: {tmp / 'dags-test.log'})")
-    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
     runs = sorted(p.name for p in (tmp / "store" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return {"tmp": tmp, "env": env, "run_id": runs[0], "config": config, "timings": timings}
+    assert runs == [ctx.run_id], runs
+    return {"tmp": tmp, "env": env, "run_id": runs[0], "config": config, "timings": timings,
+            "printed": printed.getvalue(), "ctx": ctx}
 
 
 def _db(e2e) -> sqlite3.Connection:
@@ -192,6 +195,23 @@ def test_retried_stages_produce_the_same_outputs_as_an_untroubled_run(e2e):
     assert any(k.endswith("proxy/train.jsonl") for k in troubled)
     different = [k for k in troubled if troubled[k] != untroubled[k]]
     assert different == []
+
+
+def test_demo_driver_prints_a_line_per_stage_and_the_row_comes_from_summaries(e2e):
+    from pipeline.demo.summary import week_row
+
+    lines = e2e["printed"].splitlines()
+    assert [line.split()[0] for line in lines] == ["ingest", "features", "proxy", "search", "train", "gate"]
+    assert "+40 accepted, 0 quarantined" in lines[0] and "FAILED" in lines[-1]  # nothing else: the log has the rest
+    log = (e2e["tmp"] / "dags-test.log").read_text()
+    assert "InjectedFault" in log and "[DAG TEST]" in log
+    progress = json.loads((e2e["tmp"] / "dags-test.progress.json").read_text())
+    assert progress["done"] and progress["n"] == progress["total"]  # the stages kept the watcher's file up to date
+    ctx = e2e["ctx"]
+    gate = ctx.summary("gate")
+    row = week_row(1, "week-001", {s: ctx.summary(s) for s in ("ingest", "search", "gate")})
+    assert row.pool == "40 (+40)" and row.decision.startswith("FAILED") and row.serving == "none"
+    assert row.candidate == f"{100 * gate['candidate_wer']:.2f}%"
 
 
 def test_cli_refuses_bad_params_before_running_anything(e2e):

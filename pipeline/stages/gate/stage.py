@@ -292,6 +292,10 @@ def _log_to_mlflow(ctx: Any, keys: dict[str, str], decision: dict[str, Any], out
 def _summary(cfg: GateConfig, decision: dict[str, Any], ev: Evaluation, version: str, mlflow_run: str) -> dict[str, Any]:
     """The stage's summary (``_SUCCESS``): what the DAG branches on and where the report is."""
     prod_summary = ev.production_eval.summary() if ev.production_eval else None
+    boot = decision.get("bootstrap") or {}
+    cohorts = {g["key"].split(":", 1)[1]: {"candidate_wer": finite_or_none(g.get("candidate_wer")),
+                                           "production_wer": finite_or_none(g.get("production_wer"))}
+               for g in decision.get("groups") or [] if g.get("kind") == "cohort"}
     return {
         "passed": decision["passed"],
         "rules_passed": decision["rules_passed"],
@@ -302,6 +306,10 @@ def _summary(cfg: GateConfig, decision: dict[str, Any], ev: Evaluation, version:
         "candidate_wer": finite_or_none(ev.candidate.summary()["wer"]),
         "production_wer": finite_or_none(prod_summary["wer"]) if prod_summary else None,
         "production_version": ev.production.version if ev.production else None,
+        "delta_wer": finite_or_none(boot.get("delta")),
+        "delta_ci": [finite_or_none(boot.get("ci_low")), finite_or_none(boot.get("ci_high"))] if boot else None,
+        "confidence": boot.get("confidence"),
+        "cohorts": cohorts,
         "golden_version": version,
         "decision_uri": decision["decision_uri"],
         "report_uri": decision["report_uri"],

@@ -187,7 +187,7 @@ def _search(ctx: RunContext, trials: int | None, budget_s: float | None, product
     space, incumbent, plan, data = _setup(ctx, production_hparams, progress)
     enqueue = warm_start_points(ctx, space, incumbent)
     ensure_ray(ctx.config)
-    tuner, restored = build_tuner(ctx, space, data, plan, enqueue, trials, budget_s)
+    tuner, restored = build_tuner(ctx, space, data, plan, enqueue, trials, budget_s, progress)
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0

@@ -7,6 +7,7 @@
   and warm-start points are enqueued with ``user_attrs`` saying where they come from.
 * :func:`startup_trials` — TPE's random start-up, sized to the trial budget.
 * :class:`IncumbentASHA` — ``ASHAScheduler`` that never stops the incumbent before the top rung.
+* :class:`TrialProgress` — a Tune callback counting finished trials (:class:`pipeline.progress.Progress`).
 * :func:`build_tuner` — a ``tune.Tuner`` over :func:`~pipeline.stages.search.trial.run_trial`,
   or ``Tuner.restore`` of the run's experiment when a retried stage finds one.
 
@@ -94,6 +95,41 @@ class IncumbentASHA(ASHAScheduler):
         return action
 
 
+class TrialProgress(tune.Callback):
+    """Counts finished trials (completed, stopped early or errored) and the best metric reported
+    so far, for whoever watches the search (:mod:`pipeline.progress`)."""
+
+    def __init__(self, trials: int, metric: str, enabled: bool) -> None:
+        self.trials, self.metric, self.enabled = trials, metric, enabled
+        self.best: float | None = None
+        self._bar = None
+
+    def setup(self, **info: Any) -> None:
+        from pipeline.progress import Progress
+
+        self._bar = Progress("search", self.trials, "trial", enabled=self.enabled)
+
+    def _finished(self, trial: Any) -> None:
+        value = (trial.last_result or {}).get(self.metric)
+        if isinstance(value, (int, float)) and (self.best is None or value < self.best):
+            self.best = float(value)
+        if self._bar is not None:
+            self._bar.update(1, **({"best": f"{self.best:.3f}"} if self.best is not None else {}))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the run config with the experiment
+        return {**self.__dict__, "_bar": None}
+
+
 def startup_trials(s: SearchConfig, trials: int) -> int:
     """TPE's random start-up: a quarter of the budget (1 to Optuna's default 10) unless configured.
     The incumbent and the warm-start points count toward it once they finish."""
@@ -134,7 +170,7 @@ def _experiment(ctx: RunContext, data: dict[str, Any], name: str):
 
 def build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], plan: RungPlan,
                 enqueue: list[tuple[dict[str, Any], dict[str, Any]]], trials: int,
-                budget_s: float | None) -> tuple[tune.Tuner, bool]:
+                budget_s: float | None, progress: bool = False) -> tuple[tune.Tuner, bool]:
     """(tuner, restored): the run's experiment restored if an earlier attempt left one, else a new one."""
     s = ctx.config.search
     trainable, storage_path, storage_fs, restored = _experiment(ctx, data, "tune")
@@ -159,6 +195,7 @@ def build_tuner(ctx: RunContext, space: SearchSpace, data: dict[str, Any], plan:
             name="tune", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            callbacks=[TrialProgress(trials, s.metric, progress)],
             verbose=1,
         ),
     )

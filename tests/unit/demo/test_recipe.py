@@ -33,7 +33,7 @@ from pipeline.demo.golden import (
     v2_quotas,
 )
 from pipeline.demo.recordings import GOLDEN_TAKES, FsddRecordings
-from pipeline.demo.schedule import drop_rng, mislabel, plan_drop, plan_week
+from pipeline.demo.schedule import BAD_DROPS, drop_rng, mislabel, plan_drop, plan_week
 from pipeline.demo.tts import TtsError, synthesize
 from pipeline.demo.voices import (
     DROP_ACCENTS,
@@ -149,17 +149,26 @@ def test_held_out_voices_are_accent_or_variant_held_out():
 
 
 def test_mislabel_moves_transcripts_between_utterances_only(fsdd):
-    plans = plan_drop(plan_week(3), DemoConfig(), 40, fsdd, drop_rng(1, 3))
+    plans = plan_drop(plan_week(2), DemoConfig(), 40, fsdd, drop_rng(1, 2))
     bad = mislabel(plans, 0.1, np.random.default_rng(0))
     changed = [i for i, (a, b) in enumerate(zip(plans, bad)) if a != b]
     assert len(changed) == 4
     assert sorted(bad[i].text for i in changed) == sorted(plans[i].text for i in changed)
     assert all(bad[i].digits == plans[i].digits and bad[i].render_seed == plans[i].render_seed for i in changed)
-    clean = plan_drop(plan_week(3), DemoConfig(), 40, fsdd, drop_rng(1, 3))
+    clean = plan_drop(plan_week(2), DemoConfig(), 40, fsdd, drop_rng(1, 2))
     assert clean == plans  # a clean week (mislabelled_share 0) is unaffected by the hook
-    week = dataclasses.replace(plan_week(3), mislabelled_share=0.25)
-    marked = plan_drop(week, DemoConfig(), 40, fsdd, drop_rng(1, 3))
+    week = dataclasses.replace(plan_week(2), mislabelled_share=0.25)
+    marked = plan_drop(week, DemoConfig(), 40, fsdd, drop_rng(1, 2))
     assert sum(u.text_digits is not None for u in marked) == 10
+    assert [u.digits for u in marked] == [u.digits for u in plans]  # the audio is what it was
+
+
+def test_week_3_is_the_recipes_bad_drop(fsdd):
+    assert [plan_week(w).mislabelled_share for w in (1, 2, 4)] == [0.0, 0.0, 0.0]
+    assert plan_week(3).mislabelled_share == BAD_DROPS[3] >= 0.5
+    plans = plan_drop(plan_week(3), DemoConfig(), 100, fsdd, drop_rng(1, 3))
+    wrong = [u for u in plans if u.text_digits is not None and u.text_digits != u.digits]
+    assert len(wrong) >= 50  # most of the marked ones now say other digits than their audio
 
 
 def test_golden_v2_at_full_size_gives_every_checked_group_60_utterances(v2_records):
