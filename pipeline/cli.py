@@ -81,6 +81,10 @@ def command(name: str, *, run: bool = False) -> Callable:
 
 ACTOR = ("--actor",), {"metavar": "WHO", "help": "who is acting (default: $ASR_RETUNE_ACTOR or the login name)"}
 REASON = ("--reason",), {"required": True, "help": "why (recorded)"}
+MODEL = ("--model",), {"required": True, "metavar": "MODEL", "help": (
+    "the model (evaluate and transcribe resolve it alike): a registry URI (models:/asr@production, models:/asr/3), "
+    "a run's model as a key under ROOT (runs/RUN_ID/train/model.pt), an exported model file (model.pt), or a "
+    "file:// or s3:// URI of one")}
 
 
 @command("config")
@@ -120,7 +124,11 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     """validate new drops from ROOT/incoming/ into a new training-pool version; quarantine the rest
 
     Takes every drop not yet in the ledger (ROOT/state/ingest/ledger.json). accepted + len(quarantined)
-    + unparseable_lines == lines_read, always.
+    + unparseable_lines == lines_read, always. A drop's manifest.jsonl may be a plain NeMo manifest
+    (audio_filepath, duration, text): audio_filepath is relative to the drop, or an absolute path or URI
+    inside the drop's folder; a missing speaker or group is 'unknown', a missing utt_id is DROP_ID:PATH
+    (the audio's path within the drop without its extension, each run of characters outside A-Za-z0-9_.+- as
+    '-').
     """
     from pipeline.stages.ingest import ingest
 
@@ -180,11 +188,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @command("evaluate")
-@option("--model", required=True, help="exported model file (model.pt) or a registry URI: models:/asr@production, models:/asr/3")
-@option("--manifest", required=True, help="manifest: a path, file:// or s3:// URI, or a key under ROOT")
+@option(*MODEL[0], **MODEL[1])
+@option("--manifest", required=True, help="manifest (NeMo JSON Lines): a path, file:// or s3:// URI, or a key under ROOT")
 @option("--batch-size", type=int, default=16)
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest"""
+    """WER/CER (jiwer), per-group WER and real-time factor of an exported model on a manifest
+
+    The manifest needs only audio_filepath (relative to the manifest, absolute, file:// or s3://), duration
+    and text; a missing speaker or group is 'unknown'.
+    """
     from pipeline.asr.evaluation import evaluate
     from pipeline.storage import open_store
 
@@ -200,13 +212,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @command("transcribe")
-@option("--model", required=True, help="exported model file (model.pt)")
+@option(*MODEL[0], **MODEL[1])
 @option("files", nargs="+", metavar="FILE")
 def cmd_transcribe(args: argparse.Namespace) -> dict[str, Any]:
     """print the transcript of audio files (WAV/FLAC, any rate, mono or stereo)"""
     from pipeline.asr.evaluation import transcribe_files
+    from pipeline.storage import open_store
 
-    return transcribe_files(args.model, args.files)
+    config = load_config(args.config)
+    store = open_store(args.root, config.storage)
+    return transcribe_files(args.model, args.files, store, storage_config=config.storage, mlflow_config=config.mlflow)
 
 
 @command("gate")

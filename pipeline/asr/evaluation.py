@@ -1,19 +1,24 @@
-"""Evaluation: greedy CTC decoding of an exported model over a manifest.
+"""Evaluation: greedy CTC decoding of an exported model over a manifest, and transcription.
 
 Scoring (WER/CER per utterance, per group, the paired bootstrap) is
 :mod:`pipeline.asr.metrics`; results carry per-utterance error counts so gating can
-compare two models scored on the same manifest. A model is given as a local file, a key
-of the store (:func:`fetch_model`) or a ``models:/`` registry URI (:func:`evaluate`,
-resolved by :mod:`pipeline.tracking`).
+compare two models scored on the same manifest. Manifests are read as NeMo writes them
+(:class:`~pipeline.data.manifest.NemoManifest`). :func:`load_model` is the one way a model
+reference is resolved (``evaluate`` and ``transcribe`` both use it): a ``models:/`` registry
+URI (through :mod:`pipeline.tracking`), a local file, a ``file://``/``s3://`` URI, or a key of
+the store such as a run's ``runs/RUN_ID/train/model.pt``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -21,9 +26,9 @@ from pipeline.asr.export import ExportedModel, load_exported
 from pipeline.asr.metrics import EvalResult, UttScore, score_pairs
 from pipeline.config import MlflowConfig, StorageConfig
 from pipeline.data.audio import decode_audio, to_mono_resampled
-from pipeline.data.manifest import Utterance, read_manifest, resolve_audio_key
+from pipeline.data.manifest import NemoManifest, Utterance
 from pipeline.data.text import normalize_text
-from pipeline.storage import ObjectStore, open_store
+from pipeline.storage import ObjectStore, StorageError, open_store
 from pipeline.tracking import resolve_model_uri
 
 
@@ -50,13 +55,53 @@ def fetch_model(store: ObjectStore, ref: str, dest: str | os.PathLike) -> None:
         store.download_file(ref, dest)
 
 
+def load_model(
+    ref: str,
+    store: ObjectStore | None = None,
+    *,
+    storage_config: StorageConfig | None = None,
+    mlflow_config: MlflowConfig | None = None,
+) -> ExportedModel:
+    """The exported model ``ref`` names: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the
+    registry), a local file, a ``file://``/``s3://`` URI, or a key of ``store`` such as a run's
+    ``runs/RUN_ID/train/model.pt`` (a local file wins over a key of the same name)."""
+    if ref.startswith("models:/"):
+        return load_exported(resolve_model_uri(ref, mlflow_config or MlflowConfig()))
+    if os.path.isfile(ref):
+        return load_exported(ref)
+    if ref.startswith("file://") and os.path.isfile(unquote(urlsplit(ref).path)):
+        return load_exported(unquote(urlsplit(ref).path))
+    source: tuple[ObjectStore, str] | None = None
+    if ref.startswith(("s3://", "file://")):
+        head, _, name = ref.rpartition("/")
+        source = open_store(head, storage_config), name
+    elif store is not None and _is_key_of(store, ref):
+        source = store, ref
+    if source is None or not source[0].exists(source[1]):
+        raise FileNotFoundError(
+            f"model not found: {ref} (give a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, a model "
+            "file, a file:// or s3:// URI, or a key under the store root such as runs/RUN_ID/train/model.pt)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:  # the model is read into memory whole
+        local = Path(tmp) / "model.pt"
+        source[0].download_file(source[1], local)
+        return load_exported(local)
+
+
+def _is_key_of(store: ObjectStore, ref: str) -> bool:
+    try:
+        return store.exists(ref)
+    except StorageError:  # not a valid key (absolute, '..')
+        return False
+
+
 def model_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata an exported model file carries (what :mod:`pipeline.tracking` logs as params)."""
     return load_exported(path).meta
 
 
-def load_waveform(store: ObjectStore, key: str, sample_rate: int) -> np.ndarray:
-    wave, sr = decode_audio(store.get_bytes(key))
+def load_waveform(manifest: NemoManifest, audio_filepath: str, sample_rate: int) -> np.ndarray:
+    wave, sr = decode_audio(manifest.audio_bytes(audio_filepath))
     return to_mono_resampled(wave, sr, sample_rate).numpy()
 
 
@@ -67,9 +112,14 @@ def evaluate_model(
     *,
     batch_size: int = 16,
     limit: int | None = None,
+    storage_config: StorageConfig | None = None,
 ) -> EvalResult:
-    """Transcribe every utterance of the manifest and score it; RTF counts model time only."""
-    utts: list[Utterance] = read_manifest(store, manifest_key)[:limit]
+    """Transcribe every utterance of the manifest and score it; RTF counts model time only.
+
+    ``storage_config`` is used to open S3 buckets the manifest names that ``store`` is not in.
+    """
+    manifest = NemoManifest(store, manifest_key, storage_config)
+    utts: list[Utterance] = manifest.utterances()[:limit]
     sr = model.sample_rate
     scores: list[UttScore] = []
     audio_s = compute_s = 0.0
@@ -78,7 +128,7 @@ def evaluate_model(
     finite: dict[int, bool] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        waves = [load_waveform(store, resolve_audio_key(manifest_key, utts[i].audio_filepath), sr) for i in idx]
+        waves = [load_waveform(manifest, utts[i].audio_filepath, sr) for i in idx]
         audio_s += sum(len(w) for w in waves) / sr
         t0 = time.perf_counter()
         texts, ok = model.transcribe_checked(waves)
@@ -102,20 +152,23 @@ def evaluate(
     storage_config: StorageConfig | None = None,
     mlflow_config: MlflowConfig | None = None,
 ) -> dict[str, Any]:
-    """``asr-retune evaluate``: WER/CER/per-group/RTF of an exported model (a file or a
-    ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` registry URI) on a manifest."""
-    path = model_ref
-    if model_ref.startswith("models:/"):
-        path = str(resolve_model_uri(model_ref, mlflow_config or MlflowConfig()))
-    model = load_exported(path)
+    """``asr-retune evaluate``: WER/CER/per-group/RTF of a model (:func:`load_model`) on a manifest."""
+    model = load_model(model_ref, store, storage_config=storage_config, mlflow_config=mlflow_config)
     mstore, key = open_manifest(manifest_ref, store, storage_config)
-    result = evaluate_model(model, mstore, key, batch_size=batch_size)
+    result = evaluate_model(model, mstore, key, batch_size=batch_size, storage_config=storage_config)
     return {"model": str(model_ref), "manifest": mstore.uri(key), **result.summary()}
 
 
-def transcribe_files(model_ref: str, files: Sequence[str]) -> dict[str, Any]:
-    """``asr-retune transcribe``: one transcript per audio file, in order."""
-    model = load_exported(model_ref)
+def transcribe_files(
+    model_ref: str,
+    files: Sequence[str],
+    store: ObjectStore | None = None,
+    *,
+    storage_config: StorageConfig | None = None,
+    mlflow_config: MlflowConfig | None = None,
+) -> dict[str, Any]:
+    """``asr-retune transcribe``: one transcript per audio file, in order, by a model (:func:`load_model`)."""
+    model = load_model(model_ref, store, storage_config=storage_config, mlflow_config=mlflow_config)
     out = []
     for path in files:
         with open(path, "rb") as f:

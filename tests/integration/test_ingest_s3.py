@@ -65,7 +65,9 @@ def week1_drop(bucket: str) -> Drop:
         b"",  # blank: skipped, not counted
         b"this is not json",
         b"[1, 2, 3]",
-        manifest_line(record("w10-no-speaker", "audio/no-speaker.wav", speaker=None)),
+        # a plain NeMo line: only audio_filepath (the drop's own s3:// URI), duration and text
+        manifest_line({"audio_filepath": f"s3://{bucket}/pfx/incoming/{WEEK1}/audio/no-speaker.wav", "duration": 1.0,
+                       "text": "four one five"}),
         bad_utf8,
         manifest_line(record("w10-empty-text", "audio/empty-text.wav", text="?!")),
         manifest_line(record("w10-escape-dotdot", f"../{WEEK2}/audio/x.wav")),
@@ -82,9 +84,10 @@ def week1_drop(bucket: str) -> Drop:
         manifest_line(record("w10-copy", "audio/copy-of-mono.wav")),
         manifest_line(record("w10-mono8k", "audio/dup-id.wav")),
         manifest_line(record("w10-checksum", "audio/checksum.wav", sha256="0" * 64)),
+        manifest_line(record("w10-no-text", "audio/no-speaker.wav", text=None)),
     ]
     rejected = {
-        "w10-no-speaker": "missing_field",
+        "w10-no-text": "missing_field",
         "w10-bad-utf8": "bad_text",
         "w10-empty-text": "bad_text",
         "w10-escape-dotdot": "path_escape",
@@ -101,7 +104,7 @@ def week1_drop(bucket: str) -> Drop:
         "w10-copy": "duplicate_audio",
         "w10-checksum": "checksum_mismatch",
     }
-    accepted = {"w10-mono8k", "w10-stereo", "w10-44k", "w10-flac", "w10-uri"}
+    accepted = {"w10-mono8k", "w10-stereo", "w10-44k", "w10-flac", "w10-uri", f"{WEEK1}:audio-no-speaker"}
     return Drop(WEEK1, lines, files, accepted, rejected, unparseable=2)
 
 
@@ -163,6 +166,8 @@ def test_week1_every_record_lands_in_pool_or_quarantine(env) -> None:
     by_id = {u.utt_id: u for u in utts}
     assert by_id["w10-flac"].sha256 == sha256(drop.files["audio/ok-flac.flac"])
     assert by_id["w10-stereo"].duration == pytest.approx(1.2, abs=1e-3)
+    nemo = by_id[f"{WEEK1}:audio-no-speaker"]  # the full internal record: sha256 computed, speaker/group unknown
+    assert (nemo.speaker, nemo.group, nemo.sha256) == ("unknown", "unknown", sha256(drop.files["audio/no-speaker.wav"]))
 
     # quarantine: per drop in state/, and for the run; unparseable lines are in the files
     entries = [json.loads(x) for x in store.get_text(f"state/quarantine/{WEEK1}.jsonl").splitlines()]
@@ -180,7 +185,7 @@ def test_week1_every_record_lands_in_pool_or_quarantine(env) -> None:
     assert ledger["pool_version"] == version
     assert ledger["drops"][WEEK1]["counts"] == {
         "lines_read": summary["lines_read"],
-        "accepted": 5,
+        "accepted": 6,
         "quarantined": len(summary["quarantined"]),
         "unparseable_lines": 2,
     }

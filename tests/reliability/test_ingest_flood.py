@@ -134,8 +134,9 @@ def _unparseable(f: Factory) -> list[Case]:
 
 def _missing_field(f: Factory) -> list[Case]:
     r = Reason.MISSING_FIELD
-    cases = [f.bad(r, audio=f.audio(), **{name: None}) for name in ("audio_filepath", "text", "speaker", "group")]
-    cases.append(f.bad(r, audio=f.audio(), utt_id=None))  # no utt_id at all
+    # utt_id, speaker and group are optional (a plain NeMo line): only a bad value given for them is a defect
+    cases = [f.bad(r, audio=f.audio(), **{name: None}) for name in ("audio_filepath", "text")]
+    cases += [f.bad(r, audio=f.audio(), **{name: ""}) for name in ("speaker", "group", "utt_id")]
     return cases + [
         f.bad(r, audio=f.audio(), duration=None),
         f.bad(r, audio=f.audio(), speaker={"name": "x"}),

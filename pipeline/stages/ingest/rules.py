@@ -6,6 +6,11 @@ order: the line's text and JSON, its fields, the transcript, the utt_id, the aud
 size and checksum, then the decoded audio (finite, duration, sample rate, loudness, and
 the declared duration). A rejection is recorded as a :class:`QuarantineEntry`; the
 duplicate rules consult a :class:`PoolIndex` of what the pool already holds.
+
+A plain NeMo line (``audio_filepath``, ``duration``, ``text``) is valid: a missing speaker or
+group is ``unknown``, a missing sha256 is not checked, and a missing utt_id is
+:func:`drop_utt_id` (the drop id and the audio's path within the drop, so the audio path is
+checked first for such a line).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from pipeline.data.audio import AudioDecodeError, decode_audio
-from pipeline.data.manifest import Utterance
+from pipeline.data.manifest import UNKNOWN, Utterance, derive_utt_id
 from pipeline.data.text import find_out_of_charset, normalize_text
 from pipeline.storage import join
 
@@ -45,6 +51,7 @@ __all__ = [
     "check_utt_id_unique",
     "decode_line",
     "decode_record_audio",
+    "drop_utt_id",
     "normalize_transcript",
     "parse_line",
     "parse_object",
@@ -65,9 +72,9 @@ class Reason(StrEnum):
     """Why a record was rejected (the ``reason`` of a quarantine entry)."""
 
     UNPARSEABLE = "unparseable"  # the line is not JSON, or not a JSON object
-    MISSING_FIELD = "missing_field"  # a required field is absent or has the wrong type/value
+    MISSING_FIELD = "missing_field"  # a required field is absent, or a field has the wrong type/value
     BAD_TEXT = "bad_text"  # invalid UTF-8, or a transcript empty/outside CHARSET after normalization
-    PATH_ESCAPE = "path_escape"  # audio_filepath leaves the drop: '..', absolute, another URI
+    PATH_ESCAPE = "path_escape"  # audio_filepath leaves the drop: '..', a path or URI outside its folder
     MISSING_AUDIO = "missing_audio"  # the named audio object does not exist
     TOO_LARGE = "too_large"  # audio bytes above ingest.max_audio_bytes
     CHECKSUM_MISMATCH = "checksum_mismatch"  # the manifest's sha256 differs from the audio bytes'
@@ -94,9 +101,10 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class IncomingRecord:
-    """The type-checked fields of one incoming manifest line (text not yet normalized)."""
+    """The type-checked fields of one incoming manifest line (text not yet normalized; ``utt_id``
+    and ``sha256`` ``None`` when the line has none)."""
 
-    utt_id: str
+    utt_id: str | None
     audio_filepath: str
     duration: float
     text: str
@@ -211,12 +219,20 @@ def _check_utf8(name: str, value: str) -> str:
 
 
 def check_fields(record: Mapping[str, Any]) -> IncomingRecord:
-    """Required fields present and typed; ``missing_field`` (or ``bad_text`` for invalid UTF-8) otherwise."""
+    """Fields present and typed; ``missing_field`` (or ``bad_text`` for invalid UTF-8) otherwise.
+
+    ``audio_filepath``, ``duration`` and ``text`` are required (what NeMo writes); ``utt_id``,
+    ``speaker``, ``group`` and ``sha256`` are optional, but must be valid when given. A missing
+    (or null) speaker or group is ``unknown``.
+    """
     values: dict[str, Any] = {}
     for name in ("utt_id", "audio_filepath", "text", "speaker", "group"):
         value = record.get(name)
         if value is None:
-            raise Rejected(Reason.MISSING_FIELD, f"required field {name!r} is missing")
+            if name in ("audio_filepath", "text"):
+                raise Rejected(Reason.MISSING_FIELD, f"required field {name!r} is missing")
+            values[name] = None if name == "utt_id" else UNKNOWN
+            continue
         if not isinstance(value, str) or (name != "text" and not value.strip()):
             raise Rejected(Reason.MISSING_FIELD, f"field {name!r} must be a non-empty string, got {value!r}")
         values[name] = _check_utf8(name, value)
@@ -268,15 +284,11 @@ def resolve_drop_audio_key(audio_filepath: str, drop_prefix: str, drop_uri: str)
     """The store key of a record's audio, which must lie inside its drop; ``path_escape`` otherwise.
 
     ``audio_filepath`` is relative to the drop folder ``drop_prefix`` (``incoming/{drop_id}``),
-    or a URI beginning with ``drop_uri`` (the drop folder's own URI, ending with ``/``).
+    or a URI beginning with ``drop_uri`` (the drop folder's own URI, ending with ``/``). In a
+    local store it may also be an absolute path or ``file://`` URI inside the drop's folder
+    (what NeMo writes for its own files); anything outside that folder escapes.
     """
-    rel = audio_filepath
-    if "://" in rel:
-        if not rel.startswith(drop_uri):
-            raise Rejected(
-                Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} points outside this drop ({drop_uri})"
-            )
-        rel = rel[len(drop_uri) :]
+    rel = _within_drop(audio_filepath, drop_uri)
     if rel.startswith("/"):
         raise Rejected(
             Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} is absolute; use a path relative to the drop"
@@ -295,6 +307,46 @@ def resolve_drop_audio_key(audio_filepath: str, drop_prefix: str, drop_uri: str)
             f"its key would exceed {MAX_KEY_BYTES} bytes",
         )
     return key
+
+
+def _within_drop(audio_filepath: str, drop_uri: str) -> str:
+    """``audio_filepath`` relative to the drop folder; an absolute path or URI must lie inside it."""
+    path = audio_filepath
+    folder = unquote(urlsplit(drop_uri).path) if drop_uri.startswith("file://") else None  # a local drop
+    if path.startswith("file://"):
+        netloc = urlsplit(path).netloc
+        if netloc not in ("", "localhost"):
+            raise Rejected(Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} is on another host ({netloc})")
+        path = unquote(urlsplit(path).path)
+    elif "://" in path:
+        if not path.startswith(drop_uri):
+            raise Rejected(
+                Reason.PATH_ESCAPE, f"audio_filepath {audio_filepath!r} points outside this drop ({drop_uri})"
+            )
+        return path[len(drop_uri) :]
+    if not path.startswith("/"):
+        return path
+    if folder is None:
+        raise Rejected(
+            Reason.PATH_ESCAPE,
+            f"audio_filepath {audio_filepath!r} is a local path, but this drop is {drop_uri}: "
+            "use a path relative to the drop, or a URI inside it",
+        )
+    if not path.startswith(folder):
+        raise Rejected(
+            Reason.PATH_ESCAPE,
+            f"audio_filepath {audio_filepath!r} is outside this drop's folder {folder}: "
+            "audio must lie inside the drop",
+        )
+    return path[len(folder) :]
+
+
+def drop_utt_id(audio_filepath: str, drop_id: str, drop_prefix: str, drop_uri: str) -> str:
+    """The utt_id of a line that has none: ``{drop_id}:`` + its audio's path within the drop
+    (:func:`~pipeline.data.manifest.derive_utt_id`), the same however the path is written;
+    ``path_escape`` when the path leaves the drop."""
+    key = resolve_drop_audio_key(audio_filepath, drop_prefix, drop_uri)
+    return derive_utt_id(key[len(drop_prefix.rstrip("/")) + 1 :], drop_id)
 
 
 def check_size(size: int, max_bytes: int) -> None:

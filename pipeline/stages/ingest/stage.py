@@ -4,10 +4,11 @@ Producers upload a drop as ``incoming/{drop_id}/`` holding its audio and, **last
 ``manifest.jsonl``: the manifest is the drop's completion marker. A drop folder without
 a manifest is left for a later run and reported in ``pending_drops``.
 
-A run takes every drop that is not yet in the ledger (membership, not name order, so a
-late drop with an older name is still taken), in drop-id order, and checks each record
-with the rules of :mod:`pipeline.stages.ingest.rules` (each a small pure function raising
-``Rejected`` with a ``Reason``). Accepted audio is downmixed and resampled to
+A run takes every drop that is not yet in the ledger (membership, not name order, so a late
+drop with an older name is still taken), in drop-id order, and checks each record with the
+rules of :mod:`pipeline.stages.ingest.rules` (each a small pure function raising ``Rejected``
+with a ``Reason``; a plain NeMo line, only ``audio_filepath``/``duration``/``text``, gets its
+defaults and derived utt_id there). Accepted audio is downmixed and resampled to
 ``audio.sample_rate`` and stored once, content-addressed by the sha256 of the original bytes.
 
 On-store layout (keys relative to the store root)::
@@ -73,6 +74,7 @@ from pipeline.stages.ingest.rules import (
     check_size,
     check_utt_id_unique,
     decode_record_audio,
+    drop_utt_id,
     normalize_transcript,
     parse_line,
     resolve_drop_audio_key,
@@ -270,7 +272,7 @@ class _DropIngester:
             utt_id: str | None = None
             try:
                 record, bad_utf8 = parse_line(raw)
-                utt_id = record["utt_id"] if isinstance(record.get("utt_id"), str) else None
+                utt_id = _line_utt_id(record, drop_id, prefix, drop_uri)
                 if bad_utf8 is not None:
                     raise bad_utf8
                 utt = self._validate(record, drop_id, prefix, drop_uri)
@@ -287,7 +289,8 @@ class _DropIngester:
     def _validate(self, record: dict[str, Any], drop_id: str, prefix: str, drop_uri: str) -> Utterance:
         fields = check_fields(record)
         text = normalize_transcript(fields.text)
-        check_utt_id_unique(fields.utt_id, self.index.by_utt_id)
+        utt_id = fields.utt_id or drop_utt_id(fields.audio_filepath, drop_id, prefix, drop_uri)
+        check_utt_id_unique(utt_id, self.index.by_utt_id)
         key = resolve_drop_audio_key(fields.audio_filepath, prefix, drop_uri)
         data = fetch_audio(self.store, key, self.rules.max_audio_bytes)
         sha = hashlib.sha256(data).hexdigest()
@@ -309,10 +312,21 @@ class _DropIngester:
             text=text,
             speaker=fields.speaker,
             group=fields.group,
-            utt_id=fields.utt_id,
+            utt_id=utt_id,
             sha256=sha,
             drop=drop_id,
         )
+
+
+def _line_utt_id(record: Mapping[str, Any], drop_id: str, prefix: str, drop_uri: str) -> str | None:
+    """The utt_id a quarantine entry names: the line's own, else the derived one (None if underivable)."""
+    value, path = record.get("utt_id"), record.get("audio_filepath")
+    if value is not None or not isinstance(path, str):
+        return value if isinstance(value, str) else None
+    try:
+        return drop_utt_id(path, drop_id, prefix, drop_uri)
+    except Rejected:
+        return None
 
 
 def _write_jsonl(store: ObjectStore, key: str, rows: Iterable[Mapping[str, Any]]) -> None:

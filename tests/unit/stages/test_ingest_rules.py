@@ -26,6 +26,7 @@ from pipeline.stages.ingest.rules import (
     check_utt_id_unique,
     decode_line,
     decode_record_audio,
+    drop_utt_id,
     normalize_transcript,
     parse_object,
     resolve_drop_audio_key,
@@ -88,11 +89,18 @@ def test_transcript_is_normalized() -> None:
 # --- missing_field --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["utt_id", "audio_filepath", "duration", "text", "speaker", "group"])
+@pytest.mark.parametrize("name", ["audio_filepath", "duration", "text"])
 def test_missing_field(name: str) -> None:
     with pytest.raises(Rejected) as caught:
         check_fields(record("u1", "a.wav", **{name: None}))
     assert caught.value.reason is Reason.MISSING_FIELD and name in caught.value.message
+
+
+def test_a_plain_nemo_record_needs_only_audio_filepath_duration_and_text() -> None:
+    rec = check_fields({"audio_filepath": "a.wav", "duration": 1.2, "text": "one"})
+    assert (rec.utt_id, rec.speaker, rec.group, rec.sha256) == (None, "unknown", "unknown", None)
+    nulls = check_fields({"audio_filepath": "a.wav", "duration": 1, "text": "one", "speaker": None, "group": None})
+    assert (nulls.speaker, nulls.group) == ("unknown", "unknown")
 
 
 @pytest.mark.parametrize(
@@ -155,6 +163,68 @@ def test_path_escape(path: str) -> None:
 )
 def test_paths_inside_the_drop_resolve(path: str, key: str) -> None:
     assert resolve_drop_audio_key(path, DROP, DROP_URI) == key
+
+
+LOCAL_URI = "file:///srv/asr%20store/incoming/week-01/"  # a drop of a local store (a space in its path)
+LOCAL_DIR = "/srv/asr store/incoming/week-01/"
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        (LOCAL_DIR + "a.wav", "incoming/week-01/a.wav"),  # NeMo writes absolute paths to its own files
+        (LOCAL_DIR + "sub/./a.flac", "incoming/week-01/sub/a.flac"),
+        (LOCAL_URI + "sub/a.wav", "incoming/week-01/sub/a.wav"),
+        ("file://" + LOCAL_DIR + "b.wav", "incoming/week-01/b.wav"),  # a file:// URI not percent-encoded
+        ("file://localhost" + LOCAL_DIR + "c.wav", "incoming/week-01/c.wav"),
+        ("a.wav", "incoming/week-01/a.wav"),
+    ],
+)
+def test_absolute_paths_and_file_uris_inside_a_local_drop_resolve(path: str, key: str) -> None:
+    assert resolve_drop_audio_key(path, DROP, LOCAL_URI) == key
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/etc/passwd", "outside this drop's folder /srv/asr store/incoming/week-01/"),
+        ("/srv/asr store/incoming/week-02/a.wav", "outside this drop's folder"),
+        ("/srv/asr store/incoming/week-01-b/a.wav", "outside this drop's folder"),
+        ("/srv/asr store/incoming/week-01", "outside this drop's folder"),
+        (LOCAL_DIR + "../week-02/a.wav", "contains '..'"),
+        ("file:///etc/passwd", "outside this drop's folder"),
+        ("file://otherhost" + LOCAL_DIR + "a.wav", "another host"),
+        (LOCAL_DIR + "sub//a.wav", "not a clean relative path"),
+    ],
+)
+def test_absolute_paths_outside_a_local_drop_escape(path: str, says: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        resolve_drop_audio_key(path, DROP, LOCAL_URI)
+    assert caught.value.reason is Reason.PATH_ESCAPE
+    assert says in caught.value.message and repr(path) in caught.value.message
+
+
+def test_a_local_absolute_path_in_a_drop_on_s3_escapes_and_says_why() -> None:
+    with pytest.raises(Rejected) as caught:
+        resolve_drop_audio_key("/data/incoming/week-01/a.wav", DROP, DROP_URI)
+    assert caught.value.reason is Reason.PATH_ESCAPE and DROP_URI in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "utt_id"),
+    [
+        ("audio/0001.wav", "week-01:audio-0001"),
+        (LOCAL_DIR + "audio/0001.wav", "week-01:audio-0001"),  # the same file, however it is written
+        (LOCAL_URI + "audio/0001.wav", "week-01:audio-0001"),
+        ("./audio/spk 2/0001.flac", "week-01:audio-spk-2-0001"),
+    ],
+)
+def test_drop_utt_id_is_the_drop_and_the_audio_path_within_it(path: str, utt_id: str) -> None:
+    assert drop_utt_id(path, "week-01", DROP, LOCAL_URI) == utt_id
+
+
+def test_drop_utt_id_of_an_escaping_path_is_a_path_escape() -> None:
+    assert reason_of(drop_utt_id, "/etc/passwd", "week-01", DROP, LOCAL_URI) is Reason.PATH_ESCAPE
 
 
 # --- missing_audio / too_large / checksum_mismatch ------------------------------------

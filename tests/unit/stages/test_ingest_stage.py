@@ -93,6 +93,23 @@ def test_blank_lines_are_skipped_but_keep_line_numbers(ctx: RunContext) -> None:
     assert ctx.store.get_text("runs/run-1/ingest/quarantine.jsonl") == ctx.store.get_text("state/quarantine/d1.jsonl")
 
 
+def test_nemo_records_without_utt_id_get_one_from_their_path_in_the_quarantine_too(ctx: RunContext) -> None:
+    """Plain NeMo lines (audio_filepath, duration, text): accepted or quarantined, each under its derived id."""
+    audio = {"audio/ok.wav": make_audio(seed=1), "audio/quiet.wav": make_audio(amplitude=0.0)}
+    nemo = [{"audio_filepath": name, "duration": 1.0, "text": "one"} for name in audio]
+    nemo.append({"audio_filepath": "../d0/x.wav", "duration": 1.0, "text": "two"})
+    put_drop(ctx.store, "d1", [manifest_line(r) for r in nemo], audio)
+    summary = ingest(ctx, progress=False)
+    assert summary["accepted"] == 1 and summary["lines_read"] == 3
+    assert [(q["utt_id"], q["reason"]) for q in summary["quarantined"]] == [
+        ("d1:audio-quiet", "silent"),
+        (None, "path_escape"),  # a path that leaves the drop names no file of it, so no id either
+    ]
+    [utt] = read_pool(ctx.store).utterances
+    assert (utt.utt_id, utt.speaker, utt.group, utt.sha256) == ("d1:audio-ok", "unknown", "unknown",
+                                                                sha256(audio["audio/ok.wav"]))
+
+
 def test_drop_without_manifest_is_pending_until_complete(ctx: RunContext) -> None:
     ctx.store.put_bytes("incoming/d2/a.wav", make_audio(seed=5))
     first = ingest(ctx, progress=False)
