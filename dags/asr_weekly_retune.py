@@ -34,9 +34,21 @@ per Airflow installation (a task in a missing pool is never scheduled):
 typed and validated; a bad value is refused before anything runs):
 
     airflow dags trigger asr_weekly_retune -c '{"epochs": 2, "proxy_fraction": 0.5}'
+
+or through the REST API, with a token from the API server's auth endpoint (simple auth
+manager: the users of `[core] simple_auth_manager_users`):
+
+    TOKEN=$(curl -s -X POST "$AIRFLOW_URL/auth/token" -H 'Content-Type: application/json' \
+                 -d '{"username": "...", "password": "..."}' | jq -r .access_token)
     curl -X POST "$AIRFLOW_URL/api/v2/dags/asr_weekly_retune/dagRuns" \
          -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
          -d '{"logical_date": null, "conf": {"epochs": 2, "proxy_fraction": 0.5}}'
+
+A bad value (`"epochs": -1`, `"epochs": "ten"`) is answered 400 `Invalid input for param
+epochs: …`; a key that is not a parameter (`"epoch": 3`) is answered 400 `unknown parameter
+'epoch' (did you mean 'epochs'?) …` by plugin `plugins/asr_conf_guard.py` (REST API and the
+UI; the `airflow dags trigger`/`dags test` CLI writes to the DB directly and skips that check).
+No run is created in either case.
 
 **Alerts.** A failed task (after its retries) and a failed run write one
 `ASR-RETUNE ALERT [...]` line to the log and call the hooks configured in the environment

@@ -3,7 +3,9 @@
 Airflow reads ``AIRFLOW_HOME`` and its ``AIRFLOW__...`` settings when it is first imported,
 so they are pinned here, before any test module imports Airflow: a throw-away home, the
 project's ``dags/`` and ``plugins/``, no example DAGs. Subprocesses (``airflow ...``) get
-their own environment from :func:`airflow_env`.
+their own environment from :func:`airflow_env`; a running Airflow (``api-server`` and the
+other components, simple-auth users) comes from :func:`api_server_env` and
+:class:`AirflowProcesses`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -133,3 +140,92 @@ def populate_reports(store) -> None:
             store.put_text(f"runs/{run_id}/gate/decision.json", json.dumps(_decision(run_id, **decision)))
             store.put_text(f"runs/{run_id}/gate/report.html", report_html(run_id))
     store.put_text("runs/not a run id/ingest/_SUCCESS", "{}")  # ignored: not a valid run id
+
+
+# --------------------------------------------------------------------------- a running Airflow
+
+API_USERS = {"ops": ("op", "ops-password-7f3a"), "watcher": ("viewer", "watcher-password-91c2")}
+
+
+def api_server_env(tmp: Path, port: int, users: dict[str, tuple[str, str]] = API_USERS, **extra: str) -> dict[str, str]:
+    """:func:`airflow_env` plus an ``api-server`` on ``127.0.0.1:port`` (LocalExecutor, one
+    worker, fresh JWT and session secrets) whose simple auth manager knows ``users``
+    (username -> (role, password)), written to a passwords file in ``tmp``."""
+    passwords = tmp / "simple_auth_passwords.json"
+    passwords.write_text(json.dumps({name: password for name, (_, password) in users.items()}))
+    return airflow_env(
+        tmp,
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=",".join(f"{name}:{role}" for name, (role, _) in users.items()),
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(passwords),
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__WORKERS="1",
+        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
+        AIRFLOW__API__SECRET_KEY=secrets.token_hex(32),
+        **extra,
+    )
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)  # a group this module started (start_new_session)
+    except ProcessLookupError:
+        pass
+
+
+class AirflowProcesses:
+    """Long-running ``airflow`` components (``api-server``, ``scheduler``, ``dag-processor``) of
+    one throw-away home, each in its own process group, its output in ``tmp/<name>.log``."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]):
+        self.tmp, self.env = tmp, env
+        self.airflow = str(Path(sys.executable).with_name("airflow"))  # the airflow of this environment
+        self.procs: dict = {}
+
+    def run(self, *args: str, timeout: float = 300):
+        """One ``airflow`` command to completion; raises with its output's tail if it fails."""
+        out = subprocess.run([self.airflow, *args], env=self.env, cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise AssertionError(f"airflow {' '.join(args)} exited with {out.returncode}:\n{out.stderr[-3000:]}")
+        return out
+
+    def start(self, name: str, *args: str) -> None:
+        with open(self.tmp / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen([self.airflow, *args], env=self.env, cwd=PROJECT_ROOT, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"airflow {name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def stop(self, *names: str) -> None:
+        """SIGTERM the named components (all by default) by their own process groups; SIGKILL after 30 s."""
+        procs = [self.procs.pop(n) for n in (names or list(self.procs))]
+        for proc in procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.pid, signal.SIGKILL)  # the component, or what it left behind in its group
+            proc.wait(timeout=10)
+
+    def wait_for(self, what: str, predicate, timeout: float, every: float = 1.0):
+        """``predicate()``'s first truthy value, polled every ``every`` s while the components live."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.check_alive()
+            value = predicate()
+            if value:
+                return value
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
