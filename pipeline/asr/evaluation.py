@@ -28,6 +28,7 @@ from pipeline.config import MlflowConfig, StorageConfig
 from pipeline.data.audio import decode_audio, to_mono_resampled
 from pipeline.data.manifest import NemoManifest, Utterance
 from pipeline.data.text import normalize_text
+from pipeline.progress import Progress
 from pipeline.storage import ObjectStore, StorageError, open_store
 from pipeline.tracking import resolve_model_uri
 
@@ -113,10 +114,12 @@ def evaluate_model(
     batch_size: int = 16,
     limit: int | None = None,
     storage_config: StorageConfig | None = None,
+    progress: str | None = None,
 ) -> EvalResult:
     """Transcribe every utterance of the manifest and score it; RTF counts model time only.
 
     ``storage_config`` is used to open S3 buckets the manifest names that ``store`` is not in.
+    ``progress`` names the step for :class:`pipeline.progress.Progress` (its file only; no bar).
     """
     manifest = NemoManifest(store, manifest_key, storage_config)
     utts: list[Utterance] = manifest.utterances()[:limit]
@@ -126,6 +129,7 @@ def evaluate_model(
     order = sorted(range(len(utts)), key=lambda i: utts[i].duration)  # similar lengths batch together
     hyps: dict[int, str] = {}
     finite: dict[int, bool] = {}
+    bar = Progress(progress, len(utts), "utt", enabled=False, path="env" if progress else None)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         waves = [load_waveform(manifest, utts[i].audio_filepath, sr) for i in idx]
@@ -135,6 +139,8 @@ def evaluate_model(
         compute_s += time.perf_counter() - t0
         hyps.update(zip(idx, texts))
         finite.update(zip(idx, ok))
+        bar.update(len(idx))
+    bar.close()
     refs = [u.text for u in utts]
     hyp_list = [hyps[i] for i in range(len(utts))]
     for i, (u, h, (e, w, ce, cw)) in enumerate(zip(utts, hyp_list, score_pairs(refs, hyp_list))):

@@ -27,7 +27,7 @@ from pipeline.progress import PROGRESS_ENV, read_progress
 from pipeline.run import STAGES, RunContext
 from pipeline.storage import ObjectStore, join
 
-__all__ = ["DagRunFailed", "airflow_command", "airflow_env", "record_week", "run_week_dag", "tail"]
+__all__ = ["DagRunFailed", "airflow_command", "airflow_env", "failed_stage", "record_week", "run_week_dag", "tail"]
 
 DAG_ID = "asr_weekly_retune"
 LOG_TAIL_LINES = 15
@@ -78,6 +78,7 @@ class _Watcher:
                  out: TextIO, bars: bool) -> None:
         self.store, self.config, self.before, self.out, self.bars = store, config, before, out, bars
         self.progress_path = progress_path
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
         self.ctx: RunContext | None = None
         self.printed: list[str] = []
         self.last_t = time.monotonic()
@@ -114,7 +115,10 @@ class _Watcher:
                             file=self.out, leave=False, dynamic_ncols=True, mininterval=1.0)
             self.bar_key = key
         assert self.bar is not None
-        self.bar.n = int(state.get("n") or 0)
+        n = int(state.get("n") or 0)
+        if n == self.bar.n and not self.tty:
+            return  # in a file or a pipe, the bar is redrawn only when it moves
+        self.bar.n = n
         self.bar.set_postfix(state.get("figures") or {}, refresh=False)
         self.bar.refresh()
 
@@ -151,14 +155,14 @@ def run_week_dag(config: Config, store: ObjectStore, env: dict[str, str], log: P
             watcher._close_bar()
     if watcher.ctx is None:
         raise DagRunFailed(f"the DAG run wrote no run partition (exit {proc.returncode}); see {log}\n{tail(log)}")
-    failed = _failed_stage(watcher.ctx)
+    failed = failed_stage(watcher.ctx)
     if proc.returncode or failed:
         raise DagRunFailed(f"task {failed or '?'} of run {watcher.ctx.run_id} failed"
                            f" (airflow exit {proc.returncode}); log: {log}\n{tail(log)}")
     return watcher.ctx
 
 
-def _failed_stage(ctx: RunContext) -> str | None:
+def failed_stage(ctx: RunContext) -> str | None:
     """The first stage that should have finished and did not (register and deploy only run after a pass)."""
     for stage in STAGES:
         if ctx.is_complete(stage):

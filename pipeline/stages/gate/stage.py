@@ -163,10 +163,11 @@ def _evaluate(ctx: Any, cfg: GateConfig, candidate_key: str, manifest_key: str) 
         fetch_model(store, candidate_key, cand_path)
         cand_sha = sha256_file(cand_path)
         cand_model = load_exported(cand_path)
-        cand_eval = evaluate_model(cand_model, store, manifest_key, batch_size=cfg.batch_size)
+        cand_eval = evaluate_model(cand_model, store, manifest_key, batch_size=cfg.batch_size, progress="gate: candidate")
         prod_eval = None
         if production is not None:
-            prod_eval = evaluate_model(load_exported(production.path), store, manifest_key, batch_size=cfg.batch_size)
+            prod_eval = evaluate_model(load_exported(production.path), store, manifest_key, batch_size=cfg.batch_size,
+                                       progress="gate: production")
     return Evaluation(cand_eval, cand_sha, cand_model.meta, production, prod_eval)
 
 

@@ -114,7 +114,7 @@ class TrialProgress(tune.Callback):
         if isinstance(value, (int, float)) and (self.best is None or value < self.best):
             self.best = float(value)
         if self._bar is not None:
-            self._bar.update(1, **({"best": f"{self.best:.3f}"} if self.best is not None else {}))
+            self._bar.update(1, **({f"best_{self.metric}": f"{self.best:.3f}"} if self.best is not None else {}))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial)
