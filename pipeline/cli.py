@@ -291,6 +291,21 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
     return deploy_model(_context(args), model_key=args.model_key, version=args.version, force=args.force)
 
 
+@command("cluster")
+@option("action", choices=["up", "down", "status"])
+def cmd_cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """up, down or status of the local multi-node Ray cluster: a head and ray.cluster.workers spot worker
+    nodes on 127.0.0.1
+
+    ray.address: auto makes the stages use it. Its record (addresses, ports, pids, logs) is under
+    ray.cluster.dir; down stops only the processes recorded there.
+    """
+    from pipeline.cluster import cluster_down, cluster_status, cluster_up
+
+    action = {"up": cluster_up, "down": cluster_down, "status": cluster_status}[args.action]
+    return action(load_config(args.config))
+
+
 @command("serve")
 @option("action", choices=["status", "stop"])
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pipeline.config.sections import (
     FeatureConfig,
     GateConfig,
     IngestConfig,
+    LocalClusterConfig,
     MlflowConfig,
     ModelConfig,
     OrchestrationConfig,
@@ -39,7 +40,7 @@ from pipeline.config.serving import MODEL_NAME_RE, VERSION_RE, CanaryConfig, Ist
 __all__ = [
     "DEFAULT_CONFIG", "ENV_FILE", "ENV_PREFIX", "MODEL_NAME_RE", "PROJECT_ROOT", "VERSION_RE",
     "AudioConfig", "AugmentConfig", "CanaryConfig", "Config", "ConfigError", "DemoConfig", "FeatureConfig", "GateConfig",
-    "IngestConfig", "IstioConfig", "MlflowConfig", "ModelConfig", "NginxConfig", "OrchestrationConfig",
+    "IngestConfig", "IstioConfig", "LocalClusterConfig", "MlflowConfig", "ModelConfig", "NginxConfig", "OrchestrationConfig",
     "ProxyConfig", "RayConfig", "SearchConfig", "ServingConfig", "StorageConfig", "TrainConfig",
     "config_from_dict", "load_config", "project_path", "resolve_config_path",
 ]

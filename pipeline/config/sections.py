@@ -297,11 +297,30 @@ class OrchestrationConfig(Section):
     schedule: str = Field("0 3 * * 1", description="cron of the weekly run (UTC)")
 
 
+class LocalClusterConfig(Section):
+    """The local multi-node Ray cluster of ``asr-retune cluster up`` (``ray.address: auto`` uses it)."""
+
+    workers: int = Field(2, ge=1, le=8, description="worker nodes, each carrying the spot resource")
+    cpus_per_worker: int | None = Field(None, ge=1, description="default: an equal share of this machine's CPUs")
+    gpus_per_worker: int = Field(0, ge=0)
+    head_cpus: int = Field(0, ge=0, description="the driver's node; 0 keeps trials and DDP workers off it")
+    port: int = Field(6390, ge=1024, le=64000, description="head GCS port; nodes use port .. port+100*(workers+2)-1")
+    dashboard_port: int = Field(8265, ge=1024, le=65535, description="state API and Ray Jobs, on 127.0.0.1")
+    object_store_mb: int = Field(512, ge=75, description="per node")
+    dir: str = Field(".asr-retune/ray-cluster", description="record (cluster.json) and node logs; relative to the project root")
+    temp_dir: str | None = Field(None, description="Ray's temp root for the nodes (keep it short); default /tmp/asr-ray-PORT")
+    start_timeout_s: float = Field(90.0, gt=0)
+
+
 class RayConfig(Section):
-    """``address: null`` starts Ray in-process; otherwise ``ray://host:10001`` or ``auto``."""
+    """``address: null`` starts Ray in-process; ``auto`` connects to the local cluster of
+    ``asr-retune cluster up``; otherwise ``ray://host:10001`` or ``host:port``."""
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    spot_resource: str | None = Field(
+        "spot", description="custom resource of the spot worker nodes; trials and DDP workers request 0.01 of it (null: no placement)")
+    cluster: LocalClusterConfig = LocalClusterConfig()
 
 
 class MlflowConfig(Section):

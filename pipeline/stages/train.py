@@ -199,7 +199,7 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.progress import progress_file
-    from pipeline.ray import ray_storage
+    from pipeline.ray import ray_storage, worker_resources
 
     storage_path, storage_fs = ray_storage(ctx, STAGE)
     # a hung worker: the controller's health check gives up on it, the live ranks' collectives time out
@@ -219,7 +219,8 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
             "init_state": init_state,
             "progress_file": progress_file(),  # rank 0 keeps it up to date (pipeline.progress)
         },
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker=worker_resources(ctx.config, train_cfg.use_gpu)),
         torch_config=TorchConfig(timeout_s=train_cfg.hang_timeout_s),
         run_config=RunConfig(
             name="ddp",

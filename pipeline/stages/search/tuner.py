@@ -154,12 +154,10 @@ def _scheduler(s: SearchConfig, plan: RungPlan):
 def _experiment(ctx: RunContext, data: dict[str, Any], name: str):
     """(trainable, storage path, storage filesystem, the restored Tuner or None) of experiment ``name``
     in the run's work area."""
-    from pipeline.ray import ray_storage
+    from pipeline.ray import ray_storage, trial_resources
 
-    s = ctx.config.search
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))  # read when the experiment starts
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data),
-                                    {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), trial_resources(ctx.config))
     storage_path, storage_fs = ray_storage(ctx, STAGE)
     path = os.path.join(storage_path, name)
     if not tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
