@@ -10,6 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut -c1-16)
 FSDD   ?= ../shared/data/fsdd
 PYTEST_ARGS ?=
+SETUP_LOG := .asr-retune/logs/setup.log
 
 .PHONY: help setup check-system demo test reliability bench quality clean lint
 
@@ -34,9 +35,11 @@ check-system:
 # .venv is (re)installed when missing or when pyproject.toml changed (the stamp names its hash).
 $(STAMP): pyproject.toml | check-system
 	@test -x $(BIN)/python || { echo ">> creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@echo ">> installing asr-retune and its pinned dependencies into $(VENV) (first time: several minutes, torch is large)"
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'
+	@echo ">> installing asr-retune and its pinned dependencies into $(VENV) (first time: several minutes, torch is large; log: $(SETUP_LOG))"
+	@mkdir -p $(dir $(SETUP_LOG))
+	@{ $(BIN)/python -m pip install --quiet --upgrade pip && \
+	   $(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'; } >$(SETUP_LOG) 2>&1 || { \
+	  echo "asr-retune: installing the dependencies failed; the last lines of $(SETUP_LOG):" >&2; tail -n 25 $(SETUP_LOG) >&2; exit 1; }
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

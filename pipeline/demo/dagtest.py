@@ -11,12 +11,16 @@ failing task and the last lines of the log. A week whose DAG run finished is not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -139,7 +143,7 @@ def run_week_dag(config: Config, store: ObjectStore, env: dict[str, str], log: P
     progress_path.unlink(missing_ok=True)
     watcher = _Watcher(store, config, set(store.list_dirs("runs")), progress_path, out, bars)
     airflow = str(Path(sys.executable).with_name("airflow"))
-    with log.open("w", encoding="utf-8") as sink:
+    with log.open("w", encoding="utf-8") as sink, _terminate_on_sigterm():
         proc = subprocess.Popen([airflow, "dags", "test", DAG_ID, "-c", json.dumps(conf or {})], cwd=PROJECT_ROOT, text=True,
                                 env={**env, PROGRESS_ENV: str(progress_path)}, stdout=sink, stderr=subprocess.STDOUT)
         try:
@@ -160,6 +164,22 @@ def run_week_dag(config: Config, store: ObjectStore, env: dict[str, str], log: P
         raise DagRunFailed(f"task {failed or '?'} of run {watcher.ctx.run_id} failed"
                            f" (airflow exit {proc.returncode}); log: {log}\n{tail(log)}")
     return watcher.ctx
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM to the demo ends its DAG run too (as Ctrl-C does): it raises ``SystemExit`` here."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def failed_stage(ctx: RunContext) -> str | None:
