@@ -12,6 +12,10 @@ in DDP, every rank takes its share of the batches, dev error counts are all-redu
 the report callback is called on every rank with a checkpoint state on rank 0 only
 (``None`` elsewhere), so that only rank 0 logs and checkpoints.
 
+On a GPU (``train.use_gpu``) the forward pass runs under autocast as ``train.amp`` says:
+bf16, or fp16 with a gradient scaler (an overflowed step is skipped, its scale halved).
+On CPU training is float32.
+
 :func:`resolve_hparams` gives the model and train settings a trial or full training uses:
 the configuration's, with a search point's keys laid on top.
 """
@@ -45,6 +49,9 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingOutOfMemory(RuntimeError):
     status = "oom"
+
+
+MAX_OVERFLOW_SKIPS = 16  # fp16: consecutive steps skipped for inf/nan gradients (scale / 2**16) before it is divergence
 
 
 class FeatureDataset(Protocol):
@@ -127,6 +134,16 @@ def collate(data: FeatureDataset, idx: list[int]) -> tuple[torch.Tensor, torch.T
 def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     """Linear scaling rule: lr × (batch × accumulation × workers) / base batch."""
     return cfg.lr * (cfg.batch_size * cfg.grad_accum * world_size) / cfg.base_batch_size
+
+
+def amp_dtype(setting: str) -> torch.dtype | None:
+    """The autocast dtype ``train.amp`` gives on the current CUDA device; ``None``: float32."""
+    if setting == "off":
+        return None
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # native bf16: compute capability >= 8
+    if setting == "bf16" and not bf16:
+        raise ValueError(f"train.amp=bf16 but {torch.cuda.get_device_name()} has no bfloat16: set train.amp to auto or fp16")
+    return torch.bfloat16 if setting == "bf16" or (setting == "auto" and bf16) else torch.float16
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -313,7 +330,9 @@ class _Loop:
         self.per_rank = max(1, batches_per_epoch // self.world)
         steps_per_epoch = max(1, self.per_rank // cfg.grad_accum)
         self.schedule = Schedule(self.optimizer, cfg, steps_per_epoch * self.epochs)
-        self.scaler = torch.amp.GradScaler("cuda") if self.use_cuda else None
+        self.amp_dtype = amp_dtype(cfg.amp) if self.use_cuda else None  # CPU: always float32
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.overflows, self.last_norm = 0, 0.0  # fp16: steps skipped in a row; the last applied step's norm
         self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
         self.start_epoch = 0
         self.history: list[EpochReport] = []
@@ -324,6 +343,8 @@ class _Loop:
         self.model.load_state_dict(resume["model"])
         self.optimizer.load_state_dict(resume["optimizer"])
         self.schedule.load_state_dict(resume["schedule"])
+        if self.scaler is not None and resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
         self.start_epoch = int(resume["epoch"])
         self.history = [EpochReport(**h) for h in resume.get("history", [])]
         _set_rng(resume["rng"])
@@ -353,7 +374,7 @@ class _Loop:
         x, lengths, y, ylens = collate(train_set, idx)
         device = self.device
         try:
-            with torch.autocast("cuda", enabled=self.use_cuda):
+            with torch.autocast("cuda", dtype=self.amp_dtype or torch.float16, enabled=self.amp_dtype is not None):
                 log_probs, out_lengths = self.model(x.to(device), lengths.to(device))
                 loss = self.ctc(log_probs.transpose(0, 1).float(), y.to(device), out_lengths, ylens.to(device))
             if not torch.isfinite(loss):
@@ -370,11 +391,20 @@ class _Loop:
         return loss.item()
 
     def _step(self, epoch: int, b: int) -> float:
-        """Clip, check and apply the accumulated gradients; their norm. An exploding norm: diverged."""
+        """Clip, check and apply the accumulated gradients; their norm. An exploding norm: diverged.
+
+        With fp16 a non-finite norm is first an overflow of the loss scale: the step is skipped and
+        the scale halved, and only :data:`MAX_OVERFLOW_SKIPS` such steps in a row are divergence."""
         cfg = self.cfg
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+        if self.scaler and not math.isfinite(norm) and self.overflows < MAX_OVERFLOW_SKIPS:
+            self.overflows += 1
+            self.scaler.step(self.optimizer)  # unscale_ found the inf/nan: this skips the update
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.last_norm
         if not math.isfinite(norm) or norm > cfg.max_grad_norm_abort:
             raise TrainingDiverged(
                 f"gradient norm {norm:.3g} exceeds train.max_grad_norm_abort={cfg.max_grad_norm_abort:g} "
@@ -387,6 +417,7 @@ class _Loop:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        self.overflows, self.last_norm = 0, norm
         return norm
 
     def evaluate(self, dev_set: FeatureDataset, epoch: int, started: float,
@@ -418,7 +449,7 @@ class _Loop:
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """A complete state after ``epoch``: what :meth:`restore` and :func:`load_checkpoint_model` read."""
-        return {
+        state = {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -429,6 +460,9 @@ class _Loop:
             "train_cfg": self.cfg.model_dump(),
             "n_mels": self.n_mels,
         }
+        if self.scaler is not None:  # fp16 on a GPU: the loss scale continues too
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
 
 def _get_rng() -> dict[str, Any]:

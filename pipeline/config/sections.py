@@ -186,6 +186,10 @@ class TrainConfig(Section):
     dev_fraction: float = Field(0.05, gt=0, lt=1, description="share of the pool held out for full-training dev")
     num_workers: int = Field(2, ge=1, le=256, description="DDP workers for full training (Ray Train)")
     use_gpu: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="mixed precision when training on a GPU: auto = bf16 where the GPU supports it, else "
+        "fp16 with a gradient scaler; off = float32. On CPU training is always float32",
+    )
     max_failures: int = Field(2, ge=0, description="full training: restarts from the last checkpoint after a lost worker")
     hang_timeout_s: int = Field(
         600, ge=10, le=86400,
@@ -314,13 +318,34 @@ class LocalClusterConfig(Section):
 
 class RayConfig(Section):
     """``address: null`` starts Ray in-process; ``auto`` connects to the local cluster of
-    ``asr-retune cluster up``; otherwise ``ray://host:10001`` or ``host:port``."""
+    ``asr-retune cluster up`` (in a Ray Job: the job's own cluster); otherwise ``ray://host:10001`` or
+    ``host:port``. ``submit: job`` runs each heavy stage as a Ray Job (pipeline.jobs) instead of in the
+    calling process."""
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     spot_resource: str | None = Field(
         "spot", description="custom resource of the spot worker nodes; trials and DDP workers request 0.01 of it (null: no placement)")
     cluster: LocalClusterConfig = LocalClusterConfig()
+    submit: Literal["driver", "job"] = Field(
+        "driver", description="driver: a heavy stage runs in the calling (Airflow task's) process with ray.init; "
+        "job: it is submitted as a Ray Job (asr-retune STAGE --run-id ID) that the caller follows and a retry re-attaches to")
+    dashboard_url: str | None = Field(
+        None, description="Ray Jobs API (the head's dashboard, http://HOST:8265) for submit: job; null with "
+        "address: auto: the local cluster's")
+    job_entrypoint: str | None = Field(
+        None, description="the command that runs the asr-retune CLI in a job (default: the asr-retune next to this "
+        "Python, else asr-retune on the PATH)")
+
+    @model_validator(mode="after")
+    def _check_submit(self) -> "RayConfig":
+        if self.submit == "job" and self.address is None:
+            raise ValueError("submit: job runs stages on a Ray cluster, but address is null (in-process Ray): set "
+                             "address: auto (the local cluster of `asr-retune cluster up`, or the job's own cluster "
+                             "in production) and, for a remote cluster, dashboard_url")
+        if self.dashboard_url is not None and not self.dashboard_url.startswith(("http://", "https://")):
+            raise ValueError(f"dashboard_url must be an http(s) URL such as http://HOST:8265, got {self.dashboard_url!r}")
+        return self
 
 
 class MlflowConfig(Section):

@@ -42,6 +42,8 @@ def _search_brief(s: Mapping[str, Any]) -> str:
 
 
 def _canary_brief(s: Mapping[str, Any]) -> str:
+    if not s.get("steps") and s.get("reason") == "cold_start":
+        return f"none (cold start) {s.get('outcome', '')}".strip()
     steps = [f"{float(st['weight']):g}" for st in s.get("steps") or [] if st.get("result") == "passed"]
     return f"{'→'.join(steps) or 'no step'} {s.get('outcome', '')}".strip()
 
@@ -90,7 +92,8 @@ def _line_register(s: Mapping[str, Any]) -> str:
 def _line_deploy(s: Mapping[str, Any]) -> str:
     if s.get("deployed") is False:
         return f"not deployed ({s.get('reason', _NONE)})"
-    return f"canary {_canary_brief(s)}: {s.get('reason', _NONE)} · serving v{s.get('default_version', _NONE)}"
+    reason = "" if s.get("reason") == "cold_start" else f": {s.get('reason', _NONE)}"
+    return f"canary {_canary_brief(s)}{reason} · serving v{s.get('default_version', _NONE)}"
 
 
 _LINES = {"ingest": _line_ingest, "features": _line_features, "proxy": _line_proxy, "search": _line_search,
@@ -153,7 +156,7 @@ def week_row(week: int, drop: str, stages: Mapping[str, Mapping[str, Any]], wall
         production=_pct(gate.get("production_wer")) + (f" (v{gate['production_version']})" if gate.get("production_version") else ""),
         delta=_interval(gate) if gate else _NONE,
         decision=decision,
-        canary=_canary_brief(deploy) if deploy.get("steps") else _NONE,
+        canary=_canary_brief(deploy) if deploy else _NONE,
         serving=f"v{serving}" if serving else "none",
         wall=_duration(wall_s),
     )

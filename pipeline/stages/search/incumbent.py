@@ -31,7 +31,7 @@ PRODUCTION, CONFIG_DEFAULT = "production", "config-default"
 # train: fields that say how to run training, not what to train: never taken from production
 OPERATIONAL_TRAIN_KEYS = frozenset({
     "epochs", "seed", "dev_fraction", "num_workers", "use_gpu", "max_failures", "hang_timeout_s", "init",
-    "max_grad_norm_abort",
+    "max_grad_norm_abort", "amp",
 })
 HPARAM_KEYS = frozenset(
     set(ModelConfig.model_fields) | (set(TrainConfig.model_fields) - OPERATIONAL_TRAIN_KEYS)

@@ -34,6 +34,9 @@ def test_week_rows_tell_promotion_and_refusal_apart():
     cold = week_row(1, "week-001", {"ingest": INGEST, "gate": {"passed": True, "cold_start": True, "candidate_wer": 0.35},
                                     "deploy": {**DEPLOY, "version": "1"}})
     assert cold.decision == "PASSED (cold start)" and cold.production == "-" and cold.serving == "v1"
+    cold_deploy = {"outcome": "promoted", "reason": "cold_start", "steps": [], "version": "1", "default_version": "1"}
+    assert week_row(1, "week-001", {"deploy": cold_deploy}).canary == "none (cold start) promoted"
+    assert stage_line("deploy", cold_deploy).endswith("canary none (cold start) promoted · serving v1")
     table = render_table([cold, promoted, refused]).splitlines()
     assert len(table) == 5 and table[0].startswith("week  drop") and set(table[1]) <= {"-", " "}
     assert all(len(row) <= len(table[1]) for row in table)
