@@ -25,8 +25,12 @@ search history) lives under `state/`.
 
 **Compute.** `features`, `search`, `train` and `gate` take a slot of the pool
 `asr_compute`; heavy training runs on Ray (`ray.address` in the config: empty = a Ray
-started inside the task's process, `ray://host:10001` = the cluster). Create the pool once
-per Airflow installation (a task in a missing pool is never scheduled):
+started inside the task's process, `auto` = the local cluster of `asr-retune cluster up`).
+With `ray.submit: job` these four tasks submit their stage as a Ray Job (the CLI command of
+the stage, on the cluster's head), stream its log into the task log and wait; a retried task
+re-attaches to the job still running instead of starting a second one, and resubmits one
+that failed (`pipeline/jobs.py`). Create the pool once per Airflow installation (a task in
+a missing pool is never scheduled):
 
     airflow pools set asr_compute 1 "Ray-bound stages of asr_weekly_retune"
 
@@ -111,6 +115,22 @@ def _fault_point(ctx: Any, stage: str | None, context: Mapping[str, Any]):
     from pipeline.airflow.faults import fault_point
 
     return fault_point(ctx, stage, context)
+
+
+def run_heavy_stage(ctx: Any, stage: str, call, cli_args: list[str] | None = None) -> dict[str, Any]:
+    """``call()`` here, or the stage as a Ray Job (``ray.submit: job``; pipeline.jobs)."""
+    from pipeline.jobs import run_heavy_stage as run
+
+    return run(ctx, stage, call, cli_args or [])
+
+
+def _cli_options(**options: Any) -> list[str]:
+    """``--name value`` for each option that is set: the task's overrides as the job's CLI arguments."""
+    out: list[str] = []
+    for name, value in options.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
 
 
 def _for_xcom(summary: Mapping[str, Any], max_items: int = 50) -> dict[str, Any]:
@@ -223,7 +243,7 @@ def features(run_id: str, **context) -> dict[str, Any]:
 
     ctx = _run_context(run_id)
     with _fault_point(ctx, "features", context):
-        summary = features.extract_features(ctx, progress=False)
+        summary = run_heavy_stage(ctx, "features", lambda: features.extract_features(ctx, progress=False))
     return _for_xcom(summary)
 
 
@@ -244,9 +264,11 @@ def search(run_id: str, **context) -> dict[str, Any]:
 
     ctx, p = _run_context(run_id), context["params"]
     budget = p.get("search_budget_minutes")
+    budget_s = None if budget is None else 60.0 * budget
     with _fault_point(ctx, "search", context):
-        summary = search.search(ctx, trials=p.get("search_trials"),
-                                budget_s=None if budget is None else 60.0 * budget, progress=False)
+        summary = run_heavy_stage(
+            ctx, "search", lambda: search.search(ctx, trials=p.get("search_trials"), budget_s=budget_s, progress=False),
+            _cli_options(trials=p.get("search_trials"), budget=budget_s))
     return _for_xcom(summary)
 
 
@@ -255,9 +277,11 @@ def search(run_id: str, **context) -> dict[str, Any]:
 def train(run_id: str, hparams: dict[str, Any] | None = None, **context) -> dict[str, Any]:
     from pipeline.stages import train
 
-    ctx = _run_context(run_id)
+    ctx, epochs = _run_context(run_id), context["params"].get("epochs")
     with _fault_point(ctx, "train", context):
-        summary = train.train_full(ctx, hparams=hparams, epochs=context["params"].get("epochs"))
+        summary = run_heavy_stage(
+            ctx, "train", lambda: train.train_full(ctx, hparams=hparams, epochs=epochs),
+            _cli_options(epochs=epochs, hparams_json=json.dumps(hparams, sort_keys=True) if hparams else None))
     return _for_xcom(summary)
 
 
@@ -269,7 +293,8 @@ def gate(run_id: str, **context) -> dict[str, Any]:
     ctx, p = _run_context(run_id), context["params"]
     reason = gate.check_force(p.get("force_promote"), p.get("force_reason"))
     with _fault_point(ctx, "gate", context):
-        summary = gate.gate(ctx, force_reason=reason, actor="airflow")
+        summary = run_heavy_stage(ctx, "gate", lambda: gate.gate(ctx, force_reason=reason, actor="airflow"),
+                                  _cli_options(force_reason=reason, actor="airflow"))
     return _for_xcom(summary)
 
 

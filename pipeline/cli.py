@@ -169,7 +169,8 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("train", run=True)
 @option("--epochs", type=int, help="override train.epochs")
-@option("--hparams", metavar="JSON", help="a JSON file of hyperparameters laid over model:/train:")
+@option("--hparams", metavar="JSON", help="a JSON file of hyperparameters laid over model:/train:", exclusive=True)
+@option("--hparams-json", metavar="OBJECT", help="the same as a JSON object on the command line (a Ray Job's entrypoint)", exclusive=True)
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     """full DDP training (Ray Train) on the run's features; exports runs/RUN_ID/train/model.pt
 
@@ -178,12 +179,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     """
     from pipeline.stages.train import train_full
 
-    hparams = None
+    hparams = json.loads(args.hparams_json) if args.hparams_json else None
     if args.hparams:
         with open(args.hparams, encoding="utf-8") as f:
             hparams = json.load(f)
-        if not isinstance(hparams, dict):
-            raise ValueError(f"{args.hparams} must hold a JSON object of hyperparameters")
+    if hparams is not None and not isinstance(hparams, dict):
+        raise ValueError(f"{args.hparams or '--hparams-json'} must hold a JSON object of hyperparameters")
     return train_full(_context(args), hparams=hparams, epochs=args.epochs)
 
 

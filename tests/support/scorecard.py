@@ -33,6 +33,8 @@ SCENARIOS = {
     6: "Hostile requests to the serving endpoint",
     7: "Hostile drops at 10x volume; concurrent manual triggers",
     8: "Gate safety",
+    9: "Node loss on the local multi-node cluster (spot reclaim)",
+    10: "Airflow task killed while its Ray job runs",
 }
 
 _observed = pytest.StashKey[list]()
