@@ -34,16 +34,20 @@ def _interval(s: Mapping[str, Any]) -> str:
     return f"{_pts(s['delta_wer'])} [{_pts(ci[0])}, {_pts(ci[1])}]"
 
 
+def _pct1(x: Any) -> str:
+    return f"{100.0 * x:.1f}%" if isinstance(x, (int, float)) else _NONE
+
+
 def _search_brief(s: Mapping[str, Any]) -> str:
     sel = s.get("selection") or {}
     won = sel.get("decision") == "winner"
-    winner, incumbent = _pct(sel.get("winner_dev_wer")), _pct(sel.get("incumbent_dev_wer"))
-    return f"{winner} vs {incumbent} ({'winner' if won else 'incumbent kept'})"
+    winner, incumbent = _pct1(sel.get("winner_dev_wer")), _pct1(sel.get("incumbent_dev_wer"))
+    return f"{winner} vs {incumbent}: {'winner' if won else 'incumbent kept'}"
 
 
 def _canary_brief(s: Mapping[str, Any]) -> str:
     if not s.get("steps") and s.get("reason") == "cold_start":
-        return f"none (cold start) {s.get('outcome', '')}".strip()
+        return f"none (cold) {s.get('outcome', '')}".strip()
     steps = [f"{float(st['weight']):g}" for st in s.get("steps") or [] if st.get("result") == "passed"]
     return f"{'→'.join(steps) or 'no step'} {s.get('outcome', '')}".strip()
 
@@ -132,9 +136,9 @@ class WeekRow:
 
 
 _HEADERS = {
-    "week": "week", "drop": "drop", "pool": "pool", "search": "search: winner vs incumbent (dev)",
+    "week": "week", "drop": "drop", "pool": "pool", "search": "search dev WER: winner vs incumbent",
     "candidate": "candidate", "production": "production", "delta": "ΔWER pts [95% CI]",
-    "decision": "gate", "canary": "canary (%)", "serving": "production after", "wall": "time",
+    "decision": "gate", "canary": "canary %", "serving": "serving", "wall": "time",
 }
 
 
@@ -142,7 +146,7 @@ def week_row(week: int, drop: str, stages: Mapping[str, Mapping[str, Any]], wall
     """The row of week ``week`` from its stage summaries (``stages[name]``: the ``_SUCCESS`` summary)."""
     ingest, search, gate, deploy = (stages.get(k) or {} for k in ("ingest", "search", "gate", "deploy"))
     if gate:
-        decision = ("PASSED" if gate.get("passed") else "FAILED") + (" (cold start)" if gate.get("cold_start") else "")
+        decision = ("PASSED" if gate.get("passed") else "FAILED") + (" (cold)" if gate.get("cold_start") else "")
     else:
         decision = "not reached"
     promoted = deploy.get("outcome") == "promoted"
@@ -152,8 +156,8 @@ def week_row(week: int, drop: str, stages: Mapping[str, Mapping[str, Any]], wall
         drop=drop,
         pool=f"{ingest.get('pool_size', _NONE)} (+{ingest.get('accepted', 0)})" if ingest else _NONE,
         search=_search_brief(search) if search else _NONE,
-        candidate=_pct(gate.get("candidate_wer")),
-        production=_pct(gate.get("production_wer")) + (f" (v{gate['production_version']})" if gate.get("production_version") else ""),
+        candidate=_pct1(gate.get("candidate_wer")),
+        production=(f"v{gate['production_version']} " if gate.get("production_version") else "") + _pct1(gate.get("production_wer")),
         delta=_interval(gate) if gate else _NONE,
         decision=decision,
         canary=_canary_brief(deploy) if deploy else _NONE,

@@ -18,7 +18,7 @@ def test_stage_lines_carry_time_and_key_figures():
     assert stage_line("ingest", INGEST, 12.4) == "  ingest       12s  +600 accepted, 0 quarantined from week-002 · pool 1200"
     line = stage_line("gate", GATE_PASS, 75)
     assert "1m15s" in line and "PASSED" in line and "11.00%" in line and "-24.3 [-27.7, -20.8]" in line
-    assert "70.00% vs 4.58% (incumbent kept)" in stage_line("search", SEARCH)
+    assert "70.0% vs 4.6%: incumbent kept" in stage_line("search", SEARCH)
     assert "5→25→100 promoted" in stage_line("deploy", DEPLOY)
     assert stage_line("register", {"registered": False, "reason": "gate failed"}).endswith("not registered (gate failed)")
 
@@ -33,15 +33,20 @@ def test_week_rows_tell_promotion_and_refusal_apart():
     assert refused.delta == "+9.0 [+5.0, +12.0]"
     cold = week_row(1, "week-001", {"ingest": INGEST, "gate": {"passed": True, "cold_start": True, "candidate_wer": 0.35},
                                     "deploy": {**DEPLOY, "version": "1"}})
-    assert cold.decision == "PASSED (cold start)" and cold.production == "-" and cold.serving == "v1"
+    assert cold.decision == "PASSED (cold)" and cold.production == "-" and cold.serving == "v1"
     cold_deploy = {"outcome": "promoted", "reason": "cold_start", "steps": [], "version": "1", "default_version": "1"}
-    assert week_row(1, "week-001", {"deploy": cold_deploy}).canary == "none (cold start) promoted"
-    assert stage_line("deploy", cold_deploy).endswith("canary none (cold start) promoted · serving v1")
+    assert week_row(1, "week-001", {"deploy": cold_deploy}).canary == "none (cold) promoted"
+    assert stage_line("deploy", cold_deploy).endswith("canary none (cold) promoted · serving v1")
     table = render_table([cold, promoted, refused]).splitlines()
     assert len(table) == 5 and table[0].startswith("week  drop") and set(table[1]) <= {"-", " "}
     assert all(len(row) <= len(table[1]) for row in table)
 
 
+def promoted_row():
+    return week_row(2, "week-002", {"ingest": INGEST, "search": SEARCH, "gate": GATE_PASS, "deploy": DEPLOY})
+
+
 def test_a_week_that_stopped_early_still_has_a_row():
     row = week_row(1, "week-001", {"ingest": INGEST})
     assert row.decision == "not reached" and row.serving == "none" and row.candidate == "-"
+    assert promoted_row().candidate == "11.0%" and promoted_row().production == "v1 35.3%"
