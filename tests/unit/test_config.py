@@ -15,7 +15,8 @@ def test_default_local_config_loads():
 def test_production_example_loads_and_names_services():
     cfg = load_config(PROJECT_ROOT / "configs" / "production.example.yaml", environ={})
     assert cfg.storage.root.startswith("s3://")
-    assert cfg.ray.address and cfg.ray.address.startswith("ray://")
+    assert cfg.ray.submit == "job" and cfg.ray.address == "auto"  # heavy stages as Ray Jobs on the KubeRay head
+    assert cfg.ray.dashboard_url and cfg.ray.dashboard_url.startswith("http://")
     assert cfg.mlflow.tracking_uri.startswith("http")
 
 
