@@ -211,7 +211,7 @@ def test_demo_driver_prints_a_line_per_stage_and_the_row_comes_from_summaries(e2
     gate = ctx.summary("gate")
     row = week_row(1, "week-001", {s: ctx.summary(s) for s in ("ingest", "search", "gate")})
     assert row.pool == "40 (+40)" and row.decision.startswith("FAILED") and row.serving == "none"
-    assert row.candidate == f"{100 * gate['candidate_wer']:.2f}%"
+    assert row.candidate == f"{100 * gate['candidate_wer']:.1f}%"
 
 
 def test_cli_refuses_bad_params_before_running_anything(e2e):
