@@ -29,6 +29,7 @@ from support.cluster_env import (
     with_cluster,
 )
 from support.run_factory import make_proxy_run
+from support.work_area import registered_checkpoints, train_checkpoints, trial_results
 
 from pipeline.cluster import (
     cluster_down,
@@ -87,22 +88,6 @@ def _search_settings(trials: int, **kw) -> dict:
             "scheduler": "fifo", "max_failures": 2, "max_concurrent": 1, "budget_s": 600, **kw}
 
 
-def _trial_results(ctx: RunContext) -> dict[str, list[dict]]:
-    """Per trial directory name, the results it reported so far (Tune's result.json lines in the work area)."""
-    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
-    out = {}
-    for path in glob.glob(str(base / "*" / "result.json")):
-        rows = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written
-        out[os.path.basename(os.path.dirname(path))] = rows
-    return out
-
-
 def _actor_node(spec, pid: int) -> str | None:
     """The node id of the actor that ran as process ``pid`` (alive or dead), from the head's state API."""
     from ray.util.state import list_actors
@@ -132,7 +117,7 @@ def _trial_in_flight(ctx: RunContext, driver: StageDriver, timeout_s: float = 24
     """(trial dir, its last result) once a trial has reported an epoch and has checkpointed only its first:
     its second epoch is in flight, a whole epoch before it can finish."""
     def seen():
-        for trial, rows in _trial_results(ctx).items():
+        for trial, rows in trial_results(ctx).items():
             if rows and rows[-1].get("pid") and _trial_checkpoints(ctx, trial) <= SEARCH_EPOCHS - 2:
                 return trial, rows[-1]
         return None
@@ -155,7 +140,7 @@ def test_worker_node_lost_mid_trial_search_resumes_on_the_other_node(prepared, t
         assert victim and victim.startswith("worker-"), f"trial pid {first['pid']} is on node {victim}"
         killed = kill_worker_node(spec, int(victim.rpartition("-")[2]))
         killed_at = time.monotonic()
-        resumed = wait_until(lambda: [r for r in _trial_results(ctx)[trial] if r["pid"] != first["pid"]],
+        resumed = wait_until(lambda: [r for r in trial_results(ctx)[trial] if r["pid"] != first["pid"]],
                              "the trial's next attempt reporting", 240, driver)
         recovered_s = time.monotonic() - killed_at
         # the spot group replaces the node (promptly: see ensure_workers) while the trial goes on on the other
@@ -169,7 +154,7 @@ def test_worker_node_lost_mid_trial_search_resumes_on_the_other_node(prepared, t
     board = json.loads(ctx.store.get_text(f"runs/{RUN}/search/leaderboard.json"))
     assert summary["statuses"]["error"] == 0 and len(board) == 1
     assert board[0]["status"] == "completed" and board[0]["epochs"] == SEARCH_EPOCHS
-    attempts = _attempts(_trial_results(ctx)[trial])
+    attempts = _attempts(trial_results(ctx)[trial])
     assert len(attempts) == 2, [[r["epoch"] for r in a] for a in attempts]
     before, after = attempts
     last_done = before[-1]["epoch"]  # every epoch is a rung: each report carried its checkpoint
@@ -182,19 +167,6 @@ def test_worker_node_lost_mid_trial_search_resumes_on_the_other_node(prepared, t
             f"(epoch {last_done} checkpointed); it resumed on the other worker node {recovered_s:.0f} s later from "
             f"epoch {last_done}; {board[0]['epochs']}/{SEARCH_EPOCHS} epochs, 0 errored trials; epochs lost: "
             f"the one in flight ({redone} finished epochs redone); {wall:.0f} s in all")
-
-
-def _train_checkpoints(ctx: RunContext) -> list[str]:
-    return sorted(glob.glob(str(ctx.store.base / "runs" / RUN / "_work" / "train" / "ddp" / "checkpoint_*")))
-
-
-def _registered(ctx: RunContext) -> int:
-    """Checkpoints Ray Train's controller has registered (its snapshot in the work area)."""
-    path = ctx.store.base / "runs" / RUN / "_work" / "train" / "ddp" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(path.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def _train_workers(spec) -> list:
@@ -216,8 +188,8 @@ def test_worker_node_lost_mid_ddp_epoch_resumes_on_the_restarted_node(prepared, 
     driver = StageDriver(ctx, "train", tmp_path / "driver.log")
     try:
         # mid-training, two checkpoints registered by the controller (it polls the workers every 2 s)
-        wait_until(lambda: _registered(ctx) >= 2, "two epoch checkpoints registered", 300, driver, poll_s=0.05)
-        written, registered = len(_train_checkpoints(ctx)), _registered(ctx)
+        wait_until(lambda: registered_checkpoints(ctx) >= 2, "two epoch checkpoints registered", 300, driver, poll_s=0.05)
+        written, registered = len(train_checkpoints(ctx)), registered_checkpoints(ctx)
         killed, killed_wall = kill_worker_node(spec, 0), time.time()
         killed_at = time.monotonic()
         wait_for_node(spec, "worker-0", "DEAD", timeout_s=60)
@@ -232,11 +204,11 @@ def test_worker_node_lost_mid_ddp_epoch_resumes_on_the_restarted_node(prepared, 
     assert [h["epoch"] for h in history] == list(range(1, TRAIN_EPOCHS + 1))
     assert len(metrics["resumed_from"]) == 1, metrics["resumed_from"]
     resumed = metrics["resumed_from"][0]
-    redone = len(_train_checkpoints(ctx)) - TRAIN_EPOCHS  # finished epochs trained again
+    redone = len(train_checkpoints(ctx)) - TRAIN_EPOCHS  # finished epochs trained again
     assert registered <= resumed <= written and redone == written - resumed, (registered, written, resumed, redone)
     # finished epochs are trained again only if their checkpoints were written in the last seconds before the
     # kill, too late for the controller to register them: lost = the epoch in flight + that registration lag
-    lag = killed_wall - os.path.getmtime(_train_checkpoints(ctx)[resumed]) if redone else 0.0
+    lag = killed_wall - os.path.getmtime(train_checkpoints(ctx)[resumed]) if redone else 0.0
     assert lag <= REGISTRATION_LAG_S, f"{redone} finished epochs redone, the first written {lag:.1f} s before the kill"
     nodes = {a.node_id for a in _train_workers(spec) if a.state == "ALIVE" or a.node_id == restarted["node_id"]}
     assert restarted["node_id"] in nodes  # the new group had a rank on the restarted node
@@ -264,7 +236,7 @@ def test_head_restarted_mid_search_retry_restores_the_experiment(prepared, tmp_p
         driver.kill()  # the head pod is lost: the driver that ran on it ...
     done = _trial_checkpoints(ctx, trial)  # the epochs it had finished (and checkpointed)
     head_procs = kill_head(spec)  # ... and the head node's GCS, raylet, dashboard
-    before = _trial_results(ctx)
+    before = trial_results(ctx)
     assert not ctx.is_complete("search")
     cluster_down(spec)  # what is left of the old cluster (its worker nodes)
     restart = time.monotonic()
@@ -281,7 +253,7 @@ def test_head_restarted_mid_search_retry_restores_the_experiment(prepared, tmp_p
     assert summary["statuses"]["error"] == 0
     board = json.loads(ctx.store.get_text(f"runs/{RUN}/search/leaderboard.json"))
     assert all(r["status"] == "completed" and r["epochs"] == SEARCH_EPOCHS for r in board)
-    after = _trial_results(ctx)
+    after = trial_results(ctx)
     finished = [t for t, rows in before.items() if len(rows) == SEARCH_EPOCHS]
     assert all(after[t] == before[t] for t in finished), "a finished trial was trained again"
     last = _attempts(after[trial])[-1]  # the retry's attempt (a trial restored without a checkpoint starts over)

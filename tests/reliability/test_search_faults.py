@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -14,24 +13,9 @@ import time
 
 import pytest
 from support.run_factory import make_proxy_run
+from support.work_area import trial_results
 
 pytestmark = pytest.mark.integration
-
-
-def _trial_results(ctx) -> dict[str, list[dict]]:
-    """Per trial directory, the results it reported so far (Tune's result.json lines)."""
-    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
-    out = {}
-    for path in glob.glob(str(base / "*" / "result.json")):
-        rows = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written
-        out[os.path.dirname(path)] = rows
-    return out
 
 
 @pytest.mark.scenario(1, expected="a trial's worker killed mid-run resumes from its last checkpoint (trials "
@@ -50,7 +34,7 @@ def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe, monkeypa
     def preempt():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            for trial, rows in _trial_results(ctx).items():
+            for trial, rows in trial_results(ctx).items():
                 # after rung 1 or 2 (the snapshot may bring both rows at once on a fast machine), before the end
                 if rows and rows[-1].get("pid") and rows[-1].get("epoch") in (1, 2):
                     killed.update(trial=trial, pid=rows[-1]["pid"], epoch=rows[-1]["epoch"])
@@ -110,7 +94,7 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
         deadline = time.time() + 300
         done_before = {}
         while time.time() < deadline:
-            results = _trial_results(ctx)
+            results = trial_results(ctx)
             finished = {t: rows for t, rows in results.items() if rows and rows[-1].get("epoch") == 3}
             if finished and any(len(r) >= 1 for t, r in results.items() if t not in finished):
                 done_before = {t: len(r) for t, r in finished.items()}
@@ -129,7 +113,7 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
     ray.shutdown()
     assert summary["restored"] is True
     assert summary["trials"] == 4  # the experiment went on; it did not start 4 new trials
-    after = _trial_results(ctx)
+    after = trial_results(ctx)
     for trial, n in done_before.items():
         assert len(after[trial]) == n, "a finished trial was trained again"
     # the restored search selects as a fresh one does: the first attempt's incumbent, the same rule

@@ -11,7 +11,6 @@ run's work area.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.work_area import registered_checkpoints, train_checkpoints
 
 from pipeline.config import Config, DemoConfig, TrainConfig
 from pipeline.demo.corpus import build_demo_corpus
@@ -66,19 +66,6 @@ def _copy(prepared: Path, tmp_path: Path, max_failures: int, **kw) -> RunContext
     return RunContext(run_id=RUN, config=_config(max_failures, **kw), store=open_store(str(root)))
 
 
-def _checkpoints(ctx: RunContext) -> list[str]:
-    return sorted(glob.glob(str(ctx.store.base / "runs" / RUN / "_work" / "train" / "ddp" / "checkpoint_*")))
-
-
-def _registered(ctx: RunContext) -> int:
-    """Checkpoints Ray Train's controller has registered (its snapshot; it polls the workers every 2 s)."""
-    path = ctx.store.base / "runs" / RUN / "_work" / "train" / "ddp" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(path.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def _train_workers() -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -101,11 +88,11 @@ def _train_with_a_signalled_worker(ctx: RunContext, sig: int) -> tuple[dict, dic
     def watch():
         deadline = time.time() + 600
         while time.time() < deadline and not hit:
-            registered = _registered(ctx)
+            registered = registered_checkpoints(ctx)
             workers = _train_workers()
             if registered >= 2 and len(workers) >= 2:
                 victim = workers[-1]
-                hit.update(pid=victim.pid, registered=registered, written=len(_checkpoints(ctx)), at=time.monotonic())
+                hit.update(pid=victim.pid, registered=registered, written=len(train_checkpoints(ctx)), at=time.monotonic())
                 victim.send_signal(sig)
                 return
             time.sleep(0.05)
@@ -140,7 +127,7 @@ def test_lost_training_worker_resumes_from_the_last_checkpoint(prepared, tmp_pat
     # epoch's checkpoint stays in the work area, so the epochs trained twice are those beyond EPOCHS
     assert len(summary["resumed_from"]) == 1, summary["resumed_from"]
     resumed = summary["resumed_from"][0]
-    redone = len(_checkpoints(ctx)) - EPOCHS
+    redone = len(train_checkpoints(ctx)) - EPOCHS
     assert killed["registered"] <= resumed <= killed["written"]
     assert redone == killed["written"] - resumed
     assert ctx.store.exists(f"runs/{RUN}/train/model.pt") and ctx.is_complete("train")
@@ -198,10 +185,10 @@ def test_crashed_training_driver_retry_resumes(prepared, tmp_path, observe):
     )
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and _registered(ctx) < 2:
+        while time.time() < deadline and registered_checkpoints(ctx) < 2:
             assert driver.poll() is None, "the driver ended before it could be crashed"
             time.sleep(0.05)
-        at_kill = _registered(ctx)
+        at_kill = registered_checkpoints(ctx)
         assert at_kill >= 2, "no checkpoint registered before the deadline"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver's machine dies, with its local Ray
