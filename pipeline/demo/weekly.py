@@ -91,7 +91,7 @@ def week_table(store: ObjectStore, config: Config, weeks: list[dict[str, Any]]) 
 
 
 def _print_end(store: ObjectStore, config: Config, weeks: list[dict[str, Any]], extra: list[str]) -> None:
-    print("\n" + week_table(store, config, weeks), flush=True)
+    """Where things are, then the table of weeks (the last thing printed)."""
     golden = join("golden", config.demo.golden_version, "manifest.jsonl")
     print(f"\ngolden set {config.demo.golden_version}: {store.uri(golden)}")
     last = weeks[-1]["run_id"] if weeks else None
@@ -99,6 +99,7 @@ def _print_end(store: ObjectStore, config: Config, weeks: list[dict[str, Any]], 
         print(f"last gate report: {store.uri(join('runs', last, 'gate', 'report.html'))}")
     for line in extra:
         print(line)
+    print("\n" + week_table(store, config, weeks), flush=True)
 
 
 def run_demo(config: Config, *, root: str | None = None, progress: bool = True, echo: bool = True) -> dict[str, Any]:

@@ -50,3 +50,22 @@ def test_a_week_that_stopped_early_still_has_a_row():
     row = week_row(1, "week-001", {"ingest": INGEST})
     assert row.decision == "not reached" and row.serving == "none" and row.candidate == "-"
     assert promoted_row().candidate == "11.0%" and promoted_row().production == "v1 35.3%"
+
+
+def test_the_demo_ends_with_the_table_of_weeks(tmp_path, capsys):
+    from pipeline.config import Config
+    from pipeline.demo.weekly import _print_end
+    from pipeline.run import RunContext
+    from pipeline.storage import LocalStore
+
+    store, config = LocalStore(tmp_path / "store"), Config()
+    weeks = []
+    for week, gate in ((1, {"passed": True, "cold_start": True, "candidate_wer": 0.35}), (2, GATE_PASS)):
+        ctx = RunContext(run_id=f"manual__{week}", config=config, store=store)
+        for stage, summary in (("ingest", INGEST), ("search", SEARCH), ("gate", gate), ("deploy", DEPLOY)):
+            ctx.mark_complete(stage, summary)
+        weeks.append({"week": week, "drop": f"week-00{week}", "run_id": ctx.run_id, "wall_s": 60.0 * week})
+    _print_end(store, config, weeks, ["serving: asr-retune serve status"])
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert lines[-4].startswith("week  drop") and lines[-2].startswith("1     week-001")
+    assert lines[-1].startswith("2     week-002") and "PASSED" in lines[-1] and "5→25→100 promoted" in lines[-1]
