@@ -96,11 +96,11 @@ def test_crashed_driver_rerun_restores_the_experiment(tmp_path, observe):
         while time.time() < deadline:
             results = trial_results(ctx)
             finished = {t: rows for t, rows in results.items() if rows and rows[-1].get("epoch") == 3}
-            if finished and any(len(r) >= 1 for t, r in results.items() if t not in finished):
+            if finished:  # at least one trial done, others to come (on a fast machine the next may not show yet)
                 done_before = {t: len(r) for t, r in finished.items()}
                 break
             assert driver.poll() is None, "the driver ended before it could be crashed"
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert done_before, "no trial finished before the deadline"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver's machine dies, with its local Ray
