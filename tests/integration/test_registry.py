@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.mlflow_server import MlflowServer, free_port
+from support.mlflow_server import free_port
 from support.model_factory import export_tiny
 from support.registry_env import build_golden_store, put_candidate, registry_config
 
@@ -29,14 +29,6 @@ from pipeline.tracking import RegistryError
 pytestmark = pytest.mark.integration
 
 GATE = GateConfig(max_wer=5.0, max_rtf=2.0, min_group_utts=5, group_tolerance=0.03, bootstrap_resamples=500)
-
-
-@pytest.fixture(scope="module")
-def mlflow_started(tmp_path_factory):
-    """The server starts first; the golden set and the models are built while it comes up."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

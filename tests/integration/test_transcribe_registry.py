@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 import yaml
-from support.mlflow_server import MlflowServer
 from support.model_factory import export_tiny
 from support.registry_env import put_candidate, registry_config
 from support.wavfactory import make_audio
@@ -27,13 +26,6 @@ from pipeline.storage import sha256_file
 pytestmark = pytest.mark.integration
 
 RUN = "week-07"
-
-
-@pytest.fixture(scope="module")
-def mlflow_started(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
