@@ -196,6 +196,13 @@ class TrainConfig(Section):
         description="full training: a worker that stops answering (a hung node) or a collective stuck this long "
         "fails the attempt, which then restarts from the last checkpoint",
     )
+    report_poll_s: float = Field(
+        0.25, gt=0, le=60,
+        description="full training: how often Ray Train's controller collects the workers' reports and "
+        "checkpoints (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default is 2 s). A restart after a lost node "
+        "resumes from the last checkpoint collected, so a checkpoint written less than this long before the "
+        "loss is trained again",
+    )
     init: Literal["scratch", "production"] = Field(
         "scratch", description="full training: start from production's weights when the architecture matches "
         "(same model and n_mels; otherwise scratch, recorded in metrics.json with the reason)",

@@ -7,7 +7,9 @@ last checkpoint (a hung one too, after ``train.hang_timeout_s``: Ray Train's wor
 check and the collectives' timeout), and rank 0 alone checkpointing. The experiment lives
 in the run's work area under a fixed name, so a retried stage (the driver died) resumes from its last
 checkpoint: Ray Train V2 picks up a run whose (storage_path, name) it finds. Restarts are
-recorded in ``metrics.json`` as ``resumed_from`` (the epochs training continued from).
+recorded in ``metrics.json`` as ``resumed_from`` (the epochs training continued from). The
+controller takes up a checkpoint when it next polls the workers (``train.report_poll_s``), so a
+lost node costs the epoch in flight, plus any checkpoint written less than that long before it.
 The best epoch by dev WER is exported (``runs/{run_id}/train/model.pt``) with
 ``metrics.json`` and ``history.json``.
 
@@ -38,6 +40,7 @@ STATE_FILE = "state.pt"
 # ModelConfig fields that shape the weights (dropout and SpecAugment do not)
 ARCH_KEYS = ("encoder", "num_layers", "d_model", "attention_heads", "ffn_mult", "conv_kernel", "subsample_channels")
 WORKER_HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -204,6 +207,8 @@ def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int],
     storage_path, storage_fs = ray_storage(ctx, STAGE)
     # a hung worker: the controller's health check gives up on it, the live ranks' collectives time out
     os.environ[WORKER_HEALTH_CHECK_TIMEOUT_ENV] = str(train_cfg.hang_timeout_s)  # propagated to the controller by Ray Train
+    # the controller registers a checkpoint when it next polls the workers: what a lost node can cost beyond its epoch
+    os.environ[CONTROLLER_POLL_ENV] = str(train_cfg.report_poll_s)
     return TorchTrainer(
         _worker_loop,
         train_loop_config={

@@ -27,8 +27,9 @@ def trial_results(ctx: RunContext) -> dict[str, list[dict]]:
 
 
 def train_checkpoints(ctx: RunContext) -> list[str]:
-    """The DDP training's checkpoint folders written so far."""
-    return sorted(glob.glob(str(ctx.store.base / "runs" / ctx.run_id / "_work" / "train" / "ddp" / "checkpoint_*")))
+    """The DDP training's checkpoint folders written so far (not the controller's checkpoint_manager_snapshot.json)."""
+    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "train" / "ddp"
+    return sorted(p for p in glob.glob(str(base / "checkpoint_*")) if os.path.isdir(p))
 
 
 def registered_checkpoints(ctx: RunContext) -> int:
