@@ -35,14 +35,25 @@ from pipeline.run import RunContext
 HEALTH_WINDOW_S = 10.0  # the GCS's first health checks of a node that joined: 5 s delay, then 3 at 1 s
 
 
-def free_cluster_config(state_dir: Path, workers: int = 2) -> RayConfig:
-    """``ray`` settings for a cluster of ``workers`` 1-CPU spot nodes on ports nothing listens on."""
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux: 32768 unless configured)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_cluster_config(state_dir: Path, workers: int = 2, **ray) -> RayConfig:
+    """``ray`` settings (and ``ray``'s other fields) for a cluster of ``workers`` 1-CPU spot nodes on ports
+    nothing listens on, below the ephemeral range: there an outgoing connection (a gRPC client, the test's
+    own HTTP calls) can take a port the cluster needs, and a restarted node then finds it in use."""
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths must fit
+    top = min(_ephemeral_low(), 32768) - 1000  # the block and its dashboard (base + 990) stay below
     for _ in range(50):
-        base = random.randrange(30000, 39000, 10)
+        base = random.randrange(10000, top, 10)
         cluster = LocalClusterConfig(workers=workers, cpus_per_worker=1, port=base, dashboard_port=base + 990,
                                      object_store_mb=100, dir=str(state_dir), temp_dir=temp_dir, start_timeout_s=120)
-        ray_cfg = RayConfig(address="auto", cluster=cluster)
+        ray_cfg = RayConfig(address="auto", cluster=cluster, **ray)
         if not busy_ports(cluster_spec(Config(ray=ray_cfg)).all_ports()):
             return ray_cfg
     raise RuntimeError("no free block of ports for a test cluster")

@@ -4,39 +4,28 @@ a tiny run (demo corpus + ingest) for the job's stage, and an entrypoint held at
 from __future__ import annotations
 
 import contextlib
-import random
 import shlex
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.cluster import ClusterNotUp, cluster_down, cluster_spec, cluster_up
-from pipeline.cluster.node import busy_ports
-from pipeline.config import Config, DemoConfig, LocalClusterConfig, ProxyConfig, RayConfig
+from pipeline.cluster import cluster_spec, cluster_up
+from pipeline.config import Config, DemoConfig, ProxyConfig
 from pipeline.demo.corpus import build_demo_corpus
 from pipeline.run import RunContext
 from pipeline.stages.ingest.stage import ingest
 from pipeline.storage import open_store
+from support.cluster_env import free_cluster_config, stop_cluster
 
 
 def job_config(tmp: Path, **ray) -> Config:
     """A small config whose ``ray.cluster`` is a one-worker cluster on a free block of ports under ``tmp``."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    for _ in range(50):
-        base = random.randrange(30000, 39000, 10)
-        cluster = LocalClusterConfig(workers=1, cpus_per_worker=1, port=base, dashboard_port=base + 990,
-                                     object_store_mb=100, dir=str(tmp / "cluster"), temp_dir=str(temp_dir),
-                                     start_timeout_s=120)
-        config = Config(demo=DemoConfig(weeks=1, utterances_per_week=40, golden_utterances=10, max_digits=2),
-                        proxy=ProxyConfig(fraction=1.0, dev_fraction=0.25),
-                        ray=RayConfig(address="auto", submit="job", cluster=cluster, **ray))
-        if not busy_ports(cluster_spec(config).all_ports()):
-            config.mlflow.tracking_uri = f"sqlite:///{tmp}/mlflow.db"
-            config.mlflow.artifact_root = str(tmp / "mlartifacts")
-            return config
-    raise RuntimeError("no free block of ports for a test cluster")
+    config = Config(demo=DemoConfig(weeks=1, utterances_per_week=40, golden_utterances=10, max_digits=2),
+                    proxy=ProxyConfig(fraction=1.0, dev_fraction=0.25),
+                    ray=free_cluster_config(tmp / "cluster", workers=1, submit="job", **ray))
+    config.mlflow.tracking_uri = f"sqlite:///{tmp}/mlflow.db"
+    config.mlflow.artifact_root = str(tmp / "mlartifacts")
+    return config
 
 
 def write_config(config: Config, path: Path) -> Path:
@@ -51,9 +40,7 @@ def running_cluster(config: Config) -> Iterator[dict]:
     try:
         yield cluster_up(spec)
     finally:
-        with contextlib.suppress(ClusterNotUp):
-            cluster_down(spec)
-        shutil.rmtree(spec.temp_dir, ignore_errors=True)
+        stop_cluster(spec)
 
 
 def demo_run(config: Config, root: Path, run_id: str, *, ingested: bool = True) -> RunContext:
