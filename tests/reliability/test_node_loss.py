@@ -29,7 +29,13 @@ from support.cluster_env import (
     with_cluster,
 )
 from support.run_factory import make_proxy_run
-from support.work_area import registered_checkpoints, train_checkpoints, trial_results
+from support.work_area import (
+    registered_checkpoints,
+    train_checkpoints,
+    trial_checkpoints,
+    trial_results,
+    tune_dir,
+)
 
 from pipeline.cluster import (
     cluster_down,
@@ -107,12 +113,6 @@ def _attempts(rows: list[dict]) -> list[list[dict]]:
     return out
 
 
-def _trial_checkpoints(ctx: RunContext, trial: str) -> int:
-    """Checkpoints trial ``trial`` has written (one per epoch; its workers write them to the work area at once)."""
-    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune" / trial
-    return len(glob.glob(str(base / "checkpoint_*")))
-
-
 def _trial_actors(spec) -> list:
     """The trial actors alive on the cluster now (Tune's function trainables), from the head's state API."""
     from ray.util.state import list_actors
@@ -128,13 +128,13 @@ def _trial_in_flight(ctx: RunContext, spec, driver: StageDriver, timeout_s: floa
     state API, not from result.json, which reaches the work area only with Tune's next experiment snapshot:
     on a fast machine a whole trial can finish between two snapshots. ``snapshotted``: also wait until the
     experiment snapshot knows every checkpoint the trial wrote (its result.json has caught up)."""
-    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
-
     def seen():
-        for path in glob.glob(str(base / "*" / "checkpoint_000000")):
+        started = glob.glob(str(tune_dir(ctx) / "*" / "checkpoint_000000"))
+        results = trial_results(ctx) if snapshotted and started else {}
+        for path in started:
             trial = os.path.basename(os.path.dirname(path))
-            done = _trial_checkpoints(ctx, trial)
-            if snapshotted and len(trial_results(ctx).get(trial, [])) < done:
+            done = trial_checkpoints(ctx, trial)
+            if snapshotted and len(results.get(trial, [])) < done:
                 continue
             if done < SEARCH_EPOCHS:
                 actors = _trial_actors(spec)
@@ -260,7 +260,7 @@ def test_head_restarted_mid_search_retry_restores_the_experiment(prepared, tmp_p
         trial, _ = _trial_in_flight(ctx, spec, driver, snapshotted=True)
     finally:
         driver.kill()  # the head pod is lost: the driver that ran on it ...
-    done = _trial_checkpoints(ctx, trial)  # the epochs it had finished (and checkpointed)
+    done = trial_checkpoints(ctx, trial)  # the epochs it had finished (and checkpointed)
     head_procs = kill_head(spec)  # ... and the head node's GCS, raylet, dashboard
     before = trial_results(ctx)
     assert not ctx.is_complete("search")

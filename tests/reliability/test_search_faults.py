@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import time
 
 import pytest
 from support.run_factory import make_proxy_run
-from support.work_area import trial_results
+from support.work_area import trial_checkpoints, trial_results
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +31,13 @@ def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, observe, monkeypa
                          scheduler="fifo", max_failures=2)
     killed: dict = {}
 
-    tune_dir = ctx.store.base / "runs" / "preempt" / "_work" / "search" / "tune"
-
     def preempt():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             for trial, rows in trial_results(ctx).items():
                 # after rung 1 or 2 (the snapshot may bring both rows at once on a fast machine), before the end:
                 # result.json lags the trial by up to a snapshot, its checkpoints (one per rung) do not
-                rungs_done = len(glob.glob(str(tune_dir / trial / "checkpoint_*")))
+                rungs_done = trial_checkpoints(ctx, trial)
                 if rows and rows[-1].get("pid") and rows[-1].get("epoch") in (1, 2) and rungs_done < 3:
                     killed.update(trial=trial, pid=rows[-1]["pid"], epoch=rows[-1]["epoch"], rungs_done=rungs_done)
                     os.kill(int(rows[-1]["pid"]), signal.SIGKILL)  # the spot node vanishes

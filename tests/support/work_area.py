@@ -10,9 +10,20 @@ import os
 from pipeline.run import RunContext
 
 
+def tune_dir(ctx: RunContext):
+    """The search's Tune experiment in the run's work area: one folder per trial."""
+    return ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
+
+
+def trial_checkpoints(ctx: RunContext, trial: str) -> int:
+    """Checkpoints trial folder ``trial`` holds (one per rung; its worker writes them to the work area at once,
+    unlike result.json, which arrives with Tune's next experiment snapshot)."""
+    return len(glob.glob(str(tune_dir(ctx) / trial / "checkpoint_*")))
+
+
 def trial_results(ctx: RunContext) -> dict[str, list[dict]]:
     """Per trial directory name, the results it reported so far (Tune's result.json lines in the work area)."""
-    base = ctx.store.base / "runs" / ctx.run_id / "_work" / "search" / "tune"
+    base = tune_dir(ctx)
     out = {}
     for path in glob.glob(str(base / "*" / "result.json")):
         rows = []
