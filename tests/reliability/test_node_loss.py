@@ -153,11 +153,16 @@ def test_worker_node_lost_mid_trial_search_resumes_on_the_other_node(prepared, t
     # batches of 1: epochs of 30 steps, long enough to kill a node in one on a fast machine too
     ctx = _run(prepared, tmp_path, cluster, search=_search_settings(trials=1), train={"batch_size": 1})
     t0 = time.monotonic()
-    driver = StageDriver(ctx, "search", tmp_path / "driver.log", trials=1)
+    status_before = cluster_status(spec)  # the node ids, taken now: between seeing the trial and the kill, no delay
+    # snapshots every 0.1 s: the driver's view of the trial reaches the work area well inside one epoch
+    driver = StageDriver(ctx, "search", tmp_path / "driver.log", trials=1, snapshot_s=0.1)
     try:
-        trial, pid = _trial_in_flight(ctx, spec, driver)
+        # snapshotted: the driver has taken up every checkpoint written so far. A checkpoint the worker has
+        # written but whose report the driver has not yet taken up dies with the node (Tune restores from the
+        # checkpoints it registered), and the trial would start again from the one before (CI saw it: the node
+        # lost as checkpoint_000000 appeared, the trial started again from scratch: epochs 1, 2, 3 again).
+        trial, pid = _trial_in_flight(ctx, spec, driver, snapshotted=True)
         victim = node_of_pid(spec, pid)
-        status_before = cluster_status(spec)
         assert victim and victim.startswith("worker-"), f"trial pid {pid} is on node {victim}"
         killed = kill_worker_node(spec, int(victim.rpartition("-")[2]))
         killed_at = time.monotonic()

@@ -131,11 +131,12 @@ _DRIVER = textwrap.dedent(
 
 class StageDriver:
     """One stage (``search`` with ``trials``, or ``train``) run in a process of its own, as an Airflow task
-    runs it: its output in ``log``; :meth:`wait` returns its exit code, :meth:`kill` ends it and its group."""
+    runs it: its output in ``log``; :meth:`wait` returns its exit code, :meth:`kill` ends it and its group.
+    ``snapshot_s``: Tune's experiment-snapshot period, which is how often result.json reaches the work area."""
 
-    def __init__(self, ctx: RunContext, stage: str, log: Path, trials: int = 1) -> None:
+    def __init__(self, ctx: RunContext, stage: str, log: Path, trials: int = 1, snapshot_s: float = 0.5) -> None:
         self.log = log
-        env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # Tune's snapshots bring result.json to the work area
+        env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": str(snapshot_s)}
         env.pop("RAY_ADDRESS", None)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
