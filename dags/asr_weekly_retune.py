@@ -51,8 +51,9 @@ manager: the users of `[core] simple_auth_manager_users`):
 A bad value (`"epochs": -1`, `"epochs": "ten"`) is answered 400 `Invalid input for param
 epochs: …`; a key that is not a parameter (`"epoch": 3`) is answered 400 `unknown parameter
 'epoch' (did you mean 'epochs'?) …` by plugin `plugins/asr_conf_guard.py` (REST API and the
-UI; the `airflow dags trigger`/`dags test` CLI writes to the DB directly and skips that check).
-No run is created in either case.
+UI); no run is created in either case. The `airflow dags trigger`/`dags test` CLI writes the run
+to the DB directly: there the first task, `ingest`, fails the run with the same message before
+any stage has run, and it is not retried.
 
 **Alerts.** A failed task (after its retries) and a failed run write one
 `ASR-RETUNE ALERT [...]` line to the log and call the hooks configured in the environment
@@ -106,6 +107,18 @@ def _run_context(airflow_run_id: str):
     from pipeline.run import RunContext, store_run_id
 
     return RunContext.create(load_config(), run_id=store_run_id(airflow_run_id))
+
+
+def _refuse_unknown_conf(context: Mapping[str, Any]) -> None:
+    """Fail the run, without retries, if its ``conf`` holds a key that is not a parameter of this DAG: a
+    trigger from the CLI (``airflow dags trigger``/``dags test``) bypasses the API server's check."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.airflow.conf import unknown_keys_message
+
+    why = unknown_keys_message(DAG_ID, getattr(context.get("dag_run"), "conf", None) or {}, params)
+    if why:
+        raise AirflowFailException(why)
 
 
 def _fault_point(ctx: Any, stage: str | None, context: Mapping[str, Any]):
@@ -224,6 +237,7 @@ params = {
 def ingest(run_id: str, **context) -> dict[str, Any]:
     from pipeline.stages import ingest
 
+    _refuse_unknown_conf(context)  # before the run's partition exists
     ctx = _run_context(run_id)
     with _fault_point(ctx, "ingest", context):
         summary = ingest.ingest(ctx, progress=False)

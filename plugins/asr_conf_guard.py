@@ -12,17 +12,19 @@ metadata DB (what the trigger itself validates against).
 Only callers who may trigger the DAG get that answer: an unauthenticated or unauthorized
 request, a body that is not a JSON object, a DAG that is not in the DB go on to Airflow,
 which answers them as usual (401, 403, 422, 404). ``airflow dags trigger`` and
-``airflow dags test`` write to the metadata DB directly and do not pass through here.
+``airflow dags test`` write to the metadata DB directly and do not pass through here: the
+DAG's first task refuses their unknown keys with the same message (``pipeline.airflow.conf``).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
+
+from pipeline.airflow.conf import unknown_keys_message
 
 DAG_IDS = ("asr_weekly_retune",)
 
@@ -30,21 +32,6 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-def unknown_keys_message(dag_id: str, conf: dict[str, Any], known: Iterable[str]) -> str | None:
-    """Why ``conf`` is refused (its keys that are not params of ``dag_id``), or None if it is not."""
-    known = sorted(known)
-    unknown = sorted(k for k in conf if k not in known)
-    if not unknown:
-        return None
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, known, n=1)
-        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    noun = "parameter" if len(unknown) == 1 else "parameters"
-    return (f"unknown {noun} {', '.join(parts)} in conf of {dag_id}; "
-            f"its parameters are: {', '.join(known) or '(none)'}")
 
 
 def _trigger_dag_id(scope: Scope, dag_ids: frozenset[str]) -> str | None:

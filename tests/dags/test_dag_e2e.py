@@ -220,3 +220,22 @@ def test_cli_refuses_bad_params_before_running_anything(e2e):
     assert out.returncode != 0
     assert "Invalid input for param epochs" in out.stdout + out.stderr
     assert sorted((e2e["tmp"] / "store" / "runs").iterdir()) == runs_before
+
+
+def test_cli_run_with_an_unknown_conf_key_fails_at_once_naming_it(e2e):
+    """``dags test -c`` writes the run to the DB directly (the API server's check is not on the way):
+    the first task refuses the key, before any stage has run and without retries."""
+    runs_before = sorted((e2e["tmp"] / "store" / "runs").iterdir())
+    out = _airflow(["dags", "test", DAG_ID, "-c", json.dumps({"epoch": 2, "proxy_fraction": 0.6})], e2e["env"], 300)
+    printed = out.stdout + out.stderr
+    assert "unknown parameter 'epoch' (did you mean 'epochs'?) in conf of asr_weekly_retune" in printed, printed[-3000:]
+    assert sorted((e2e["tmp"] / "store" / "runs").iterdir()) == runs_before  # no partition, no stage output
+    with _db(e2e) as db:  # the module's last test: the others read the one troubled run as the only run
+        runs = db.execute("SELECT run_id, conf FROM dag_run WHERE dag_id = ? ORDER BY id", (DAG_ID,)).fetchall()
+        assert len(runs) == 2 and "epoch" in str(runs[-1][1]), runs  # the troubled run, then this one
+        run_id = runs[-1][0]
+        states = dict(db.execute("SELECT task_id, state FROM task_instance WHERE run_id = ?", (run_id,)).fetchall())
+        tries = db.execute("SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'ingest'",
+                           (run_id,)).fetchone()
+    assert states.get("ingest") == "failed" and tries == (1,), (states, tries)
+    assert all(states.get(t) in (None, "upstream_failed", "skipped") for t in ALL_TASKS if t != "ingest"), states
