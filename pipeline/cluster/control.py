@@ -141,7 +141,8 @@ def restart_worker_node(target: Config | ClusterSpec, index: int) -> dict[str, A
     left = _processes(node)  # workers its killed raylet left behind
     if left:
         kill_processes(left)
-    busy = busy_ports([(p, f"{name} {what}") for what, p in spec.node_ports(name).items() if what != "max_worker"])
+    ports = spec.node_ports(name, node.get("generation", 0) + 1)  # the next start's (see plan.ClusterSpec.node_ports)
+    busy = busy_ports([(p, f"{name} {what}") for what, p in ports.items() if what != "max_worker"])
     if busy:
         raise ClusterError(f"node {name}'s ports are still in use: {busy}; wait a moment and retry")
     use_auth(state["auth_mode"])
@@ -223,7 +224,7 @@ def _start(spec: ClusterSpec, state: dict[str, Any], name: str) -> subprocess.Po
         "name": name, "pid": proc.pid, "create_time": leader.create_time() if leader else None,
         "generation": generation, "started_ms": int(time.time() * 1000), "log": str(log),
         "temp_dir": str(spec.node_temp_dir(name, generation)),
-        "ports": spec.node_ports(name), "resources": spec.node_resources(name), "node_id": None,
+        "ports": spec.node_ports(name, generation), "resources": spec.node_resources(name), "node_id": None,
     }
     return proc
 

@@ -4,7 +4,10 @@ One head node (the driver's: ``head_cpus``, 0 by default, so no trial or DDP wor
 ``workers`` worker nodes that carry the spot resource, all on 127.0.0.1. Every port is fixed from
 ``port`` so that several raylets share the host without clashing with each other or with another Ray
 on the machine: the head's GCS on ``port``, its Ray Client server on ``port+1``, node ``k`` (0 = head)
-on ``port+10k+10 ..`` and its worker processes on ``port+100(k+1) .. +99``.
+on ``port+10k+10 ..`` and its worker processes on ``port+100(k+1) .. +99``: a block of
+``100 (workers + 2)`` ports. A worker node's odd-numbered starts (its restarts, alternately) take the
+same layout one block higher: the GCS keeps backing off its health checks to a dead raylet's address
+for a while, and a node started again at once on that address was once declared dead with it.
 """
 
 from __future__ import annotations
@@ -91,27 +94,35 @@ class ClusterSpec:
     def node_names(self) -> list[str]:
         return [HEAD] + [worker_name(i) for i in range(self.workers)]
 
-    def last_port_offset(self) -> int:
-        return WORKER_PORT_SPAN * (self.workers + 2) - 1
+    def port_block(self) -> int:
+        """Ports of one layout (every node's services and worker ranges); restarts use a second one."""
+        return WORKER_PORT_SPAN * (self.workers + 2)
 
-    def node_ports(self, name: str) -> dict[str, int]:
-        """The fixed ports of node ``name``: its services and its worker processes' range."""
+    def last_port_offset(self) -> int:
+        return 2 * self.port_block() - 1
+
+    def node_ports(self, name: str, generation: int = 0) -> dict[str, int]:
+        """The fixed ports of start ``generation`` of node ``name``: its services and its worker processes'
+        range (a worker node's odd generations one block higher; the head's never move)."""
         k = self.node_names().index(name)
-        ports = {what: self.port + 10 * (k + 1) + j for j, what in enumerate(NODE_PORTS)}
-        ports["min_worker"] = self.port + WORKER_PORT_SPAN * (k + 1)
+        base = self.port + (self.port_block() if name != HEAD and generation % 2 else 0)
+        ports = {what: base + 10 * (k + 1) + j for j, what in enumerate(NODE_PORTS)}
+        ports["min_worker"] = base + WORKER_PORT_SPAN * (k + 1)
         ports["max_worker"] = ports["min_worker"] + WORKER_PORT_SPAN - 1
         if name == HEAD:
             ports.update(gcs=self.port, ray_client_server=self.port + 1, dashboard=self.dashboard_port)
         return ports
 
     def all_ports(self) -> list[tuple[int, str]]:
-        """(port, what) for every port the cluster binds, worker ranges included."""
+        """(port, what) for every port the cluster binds or may bind on a restart, worker ranges included."""
         out = []
         for name in self.node_names():
-            ports = self.node_ports(name)
-            lo, hi = ports.pop("min_worker"), ports.pop("max_worker")
-            out += [(p, f"{name} {what}") for what, p in ports.items()]
-            out += [(p, f"{name} worker processes") for p in range(lo, hi + 1)]
+            for generation in (0,) if name == HEAD else (0, 1):
+                ports = self.node_ports(name, generation)
+                lo, hi = ports.pop("min_worker"), ports.pop("max_worker")
+                label = name if generation == 0 else f"{name} (restarted)"
+                out += [(p, f"{label} {what}") for what, p in ports.items()]
+                out += [(p, f"{label} worker processes") for p in range(lo, hi + 1)]
         return sorted(out)
 
     def node_resources(self, name: str) -> dict[str, float]:
@@ -128,7 +139,7 @@ class ClusterSpec:
     def start_command(self, name: str, generation: int = 0) -> list[str]:
         """``ray start --block ...`` of node ``name`` (run with :func:`node_env`)."""
         head = name == HEAD
-        ports = self.node_ports(name)
+        ports = self.node_ports(name, generation)
         cmd = [ray_executable(), "start", "--block", "--disable-usage-stats", "--node-ip-address", HOST,
                "--num-cpus", str(self.head_cpus if head else self.cpus_per_worker),
                "--num-gpus", str(0 if head else self.gpus_per_worker),

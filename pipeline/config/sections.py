@@ -315,7 +315,8 @@ class LocalClusterConfig(Section):
     cpus_per_worker: int | None = Field(None, ge=1, description="default: an equal share of this machine's CPUs")
     gpus_per_worker: int = Field(0, ge=0)
     head_cpus: int = Field(0, ge=0, description="the driver's node; 0 keeps trials and DDP workers off it")
-    port: int = Field(6390, ge=1024, le=64000, description="head GCS port; nodes use port .. port+100*(workers+2)-1")
+    port: int = Field(6390, ge=1024, le=64000,
+                      description="head GCS port; nodes use port .. port+200*(workers+2)-1 (a second block for restarts)")
     dashboard_port: int = Field(8265, ge=1024, le=65535, description="state API and Ray Jobs, on 127.0.0.1")
     object_store_mb: int = Field(512, ge=75, description="per node")
     dir: str = Field(".asr-retune/ray-cluster", description="record (cluster.json) and node logs; relative to the project root")

@@ -24,11 +24,11 @@ def _flag(cmd: list[str], flag: str) -> str:
 
 
 def test_every_port_of_every_node_is_distinct():
-    spec = _spec(workers=3)
+    spec = _spec(workers=3, dashboard_port=22990)  # 3 workers: two blocks of 500 ports (first starts, restarts)
     ports = [p for p, what in spec.all_ports() if what != "head dashboard"]
     assert len(ports) == len(set(ports)) == len(spec.all_ports()) - 1
     assert min(ports) == spec.port and max(ports) == spec.port + spec.last_port_offset()
-    assert spec.node_ports(HEAD)["dashboard"] == 21990
+    assert spec.node_ports(HEAD)["dashboard"] == 22990
 
 
 def test_head_runs_the_driver_with_no_cpus_and_the_dashboard_on_loopback():
@@ -47,7 +47,20 @@ def test_worker_nodes_carry_the_spot_resource_and_join_the_head():
     assert json.loads(_flag(cmd, "--resources")) == {"preemptible": 2.0}
     assert _flag(cmd, "--labels") == "asr-retune/node=worker-1"
     assert _flag(cmd, "--temp-dir") == "/tmp/rc-test/w1.3"  # a restart gets a fresh temp dir
-    assert int(_flag(cmd, "--min-worker-port")) == spec.node_ports("worker-1")["min_worker"]
+    assert int(_flag(cmd, "--min-worker-port")) == spec.node_ports("worker-1", 3)["min_worker"]
+
+
+def test_a_restarted_worker_node_alternates_between_two_port_blocks_and_the_head_never_moves():
+    spec = _spec(workers=2)
+    first, second, third = (spec.node_ports("worker-0", g) for g in (0, 1, 2))
+    assert first == third and not set(first.values()) & set(second.values())
+    assert second["node_manager"] - first["node_manager"] == spec.port_block() == 400
+    assert spec.node_ports(HEAD, 1) == spec.node_ports(HEAD, 0)
+    cmd = spec.start_command("worker-0", generation=1)
+    assert int(_flag(cmd, "--node-manager-port")) == second["node_manager"]
+    assert int(_flag(cmd, "--max-worker-port")) == second["max_worker"]
+    listed = {p for p, _ in spec.all_ports()}  # `cluster up` checks the restart block is free too
+    assert set(second.values()) - {second["max_worker"]} <= listed and second["max_worker"] in listed
 
 
 def test_no_spot_resource_gives_workers_no_custom_resource():
