@@ -6,8 +6,8 @@ One head node (the driver's: ``head_cpus``, 0 by default, so no trial or DDP wor
 on the machine: the head's GCS on ``port``, its Ray Client server on ``port+1``, node ``k`` (0 = head)
 on ``port+10k+10 ..`` and its worker processes on ``port+100(k+1) .. +99``: a block of
 ``100 (workers + 2)`` ports. A worker node's odd-numbered starts (its restarts, alternately) take the
-same layout one block higher: the GCS keeps backing off its health checks to a dead raylet's address
-for a while, and a node started again at once on that address was once declared dead with it.
+same layout one block higher: a node started again on its dead predecessor's address was once declared
+dead by the GCS soon after joining (likely its health checks to that address were still backing off).
 """
 
 from __future__ import annotations
