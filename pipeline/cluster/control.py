@@ -141,7 +141,7 @@ def restart_worker_node(target: Config | ClusterSpec, index: int) -> dict[str, A
     left = _processes(node)  # workers its killed raylet left behind
     if left:
         kill_processes(left)
-    ports = spec.node_ports(name, node.get("generation", 0) + 1)  # the next start's (see plan.ClusterSpec.node_ports)
+    ports = spec.node_ports(name, _next_generation(state, name))  # the restart's block (plan.ClusterSpec.node_ports)
     busy = busy_ports([(p, f"{name} {what}") for what, p in ports.items() if what != "max_worker"])
     if busy:
         raise ClusterError(f"node {name}'s ports are still in use: {busy}; wait a moment and retry")
@@ -214,8 +214,13 @@ def _start_and_wait(spec: ClusterSpec, state: dict[str, Any], names: list[str]) 
         time.sleep(POLL_S)
 
 
+def _next_generation(state: dict[str, Any], name: str) -> int:
+    """The number of node ``name``'s next start (0 for its first)."""
+    return state["nodes"].get(name, {}).get("generation", -1) + 1
+
+
 def _start(spec: ClusterSpec, state: dict[str, Any], name: str) -> subprocess.Popen:
-    generation = state["nodes"].get(name, {}).get("generation", -1) + 1
+    generation = _next_generation(state, name)
     log = spec.state_dir / "logs" / f"{name}.log"
     proc = start_process(spec.start_command(name, generation), node_env(state["auth_mode"], state["address"]), log,
                          PROJECT_ROOT)
