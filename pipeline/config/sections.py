@@ -46,13 +46,14 @@ class DemoConfig(Section):
     weeks: int = Field(3, ge=1, le=52)
     utterances_per_week: int = Field(600, ge=1)
     golden_utterances: int = Field(
-        300, ge=1, description="size of golden v1; v2 has its recipe's size (1,490: pipeline.demo.golden.V2_UTTERANCES)")
+        300, ge=1, description="size of golden v1; v2 and v3 have their recipe's size (1,490 and 4,000: pipeline.demo.golden.RECIPES)")
     synthetic_fraction: float = Field(0.35, ge=0.0, le=1.0)
     min_digits: int = Field(1, ge=1)
     max_digits: int = Field(7, ge=1)
     seed: int = 1234
     golden_version: str = Field(
-        "v1", description="golden set to build and gate on: v1 (300 utterances, no conditions) or v2 (1,490, sized for the gate)")
+        "v1", description=("golden set to build and gate on: v1 (300 utterances, no conditions), v2 (1,490, every checked "
+                     "group >= 70) or v3 (4,000, every checked group >= 200: the gate's error rates meet their targets)"))
     defects_per_drop: int = Field(0, ge=0)
     ORDERED = (("min_digits", "max_digits", False),)
 

@@ -278,7 +278,7 @@ def build_demo_corpus(
 
     ``weeks``, ``seed`` and ``defects_per_drop`` override the ``demo`` fields of the same
     name; ``golden_utterances`` overrides the golden version's size (v1:
-    ``demo.golden_utterances``; v2: its recipe's, :data:`pipeline.demo.golden.V2_UTTERANCES`,
+    ``demo.golden_utterances``; v2, v3: their recipe's, :data:`pipeline.demo.golden.RECIPES`,
     scaled in proportion). Existing drops of the same ids are replaced; an existing golden
     version is left as it is when identical and refused (:class:`CorpusError`) when it would
     change. Raises :class:`CorpusError` for an unknown golden version and

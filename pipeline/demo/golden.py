@@ -5,16 +5,20 @@ and per eSpeak voice (three seen voices, one held out), the sound of
 :func:`pipeline.demo.recordings.pad_and_level`, no ``condition`` field. Its code path is
 kept as it was, so a v1 set is byte-identical for its seed.
 
-**v2** (:data:`V2_UTTERANCES` = 1,490), sized for the gate: every FSDD speaker speaks
-:data:`V2_FSDD_UTTERANCES`, every voice in :data:`V2_SEEN_VOICES` and
-:data:`V2_HELD_OUT_VOICES` :data:`V2_VOICE_UTTERANCES`, and each speaker's utterances are
+**v2** (:data:`V2_UTTERANCES` = 1,490) and **v3** (:data:`V3_UTTERANCES` = 4,000), sized for the
+gate, follow one recipe (:data:`RECIPES`) at two sizes: every FSDD speaker speaks
+:attr:`Recipe.fsdd_utterances`, every voice in :data:`V2_SEEN_VOICES` and
+:data:`V2_HELD_OUT_VOICES` :attr:`Recipe.voice_utterances`, and each speaker's utterances are
 spread evenly over the four recording conditions of :mod:`pipeline.demo.conditions`,
 ``quiet`` (golden-only) included. So every group the gate checks (``speaker:*``, ``group:*``,
-``cohort:*``, ``condition:*``) holds >= 70 utterances, ``cohort:unseen`` holds george
-and the four held-out voices (a held-out accent, en-gb-scotland, and held-out variants),
-and the overall 95 % interval between two models of the same quality (~10 % WER) is within
-+-2 points (simulated in tests/unit/demo/test_recipe.py: about +-1.1 resampling utterances,
-+-1.5 resampling speakers, then their utterances).
+``cohort:*``, ``condition:*``) holds >= 70 utterances in v2 and >= 200 in v3,
+``cohort:unseen`` holds george and the four held-out voices (a held-out accent,
+en-gb-scotland, and held-out variants). In v2 the overall 95 % interval between two models of
+the same quality (~10 % WER) is within +-2 points (simulated in tests/unit/demo/test_recipe.py:
+about +-1.1 resampling utterances, +-1.5 resampling speakers, then their utterances). v3 is v2
+scaled up for the gate's error rates (``tests/benchmarks/bench_gate.py``): ΔWER between two
+retrains has a standard error of ~0.4 points on v2, above the 0.3 points that telling 0 from
++1 point at 5 % / 5 % needs; 2.7x the utterances bring it to ~0.25.
 Each synthetic utterance draws its own rate (odd: drops use even ones), pitch, pitch range
 and word gap.
 
@@ -27,6 +31,7 @@ words, speakers), from which a report can say what differences the set can detec
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +59,7 @@ from pipeline.demo.voices import (
     speaker_of,
 )
 
-GOLDEN_VERSIONS: tuple[str, ...] = ("v1", "v2")
+GOLDEN_VERSIONS: tuple[str, ...] = ("v1", "v2", "v3")
 GOLDEN_SPEAKERS: tuple[str, ...] = DROP_SPEAKERS + HELD_OUT_SPEAKERS
 
 V1_SEEN_VOICES: tuple[str, ...] = ("en+m1", "en+f3", "en-us+m3")
@@ -66,12 +71,28 @@ V2_SEEN_VOICES: tuple[str, ...] = (
     "en+m3", "en+f2", "en+klatt3", "en-us+m5", "en-us+f4", "en-gb-x-rp+m7", "en-gb-x-rp+f1", "en-029+m1",
 )
 V2_HELD_OUT_VOICES: tuple[str, ...] = ("en-gb-scotland+f4", "en-gb-scotland+m2", "en-us+Annie", "en-gb-x-rp+michel")
-V2_FSDD_UTTERANCES = 130  # per FSDD speaker
-V2_VOICE_UTTERANCES = 70  # per voice
-V2_UTTERANCES = V2_FSDD_UTTERANCES * len(GOLDEN_SPEAKERS) + V2_VOICE_UTTERANCES * (
-    len(V2_SEEN_VOICES) + len(V2_HELD_OUT_VOICES)
-)
-_RNG_INDEX = {"v1": 0, "v2": 2}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A conditions-era golden version (v2 on): utterances per FSDD speaker and per voice, its draws' stream."""
+
+    fsdd_utterances: int
+    voice_utterances: int
+    rng_index: int
+
+    @property
+    def size(self) -> int:
+        return self.fsdd_utterances * len(GOLDEN_SPEAKERS) + self.voice_utterances * (
+            len(V2_SEEN_VOICES) + len(V2_HELD_OUT_VOICES))
+
+
+RECIPES: dict[str, Recipe] = {"v2": Recipe(130, 70, 2), "v3": Recipe(320, 200, 3)}
+V2_FSDD_UTTERANCES = RECIPES["v2"].fsdd_utterances  # per FSDD speaker
+V2_VOICE_UTTERANCES = RECIPES["v2"].voice_utterances  # per voice
+V2_UTTERANCES = RECIPES["v2"].size
+V3_UTTERANCES = RECIPES["v3"].size
+_V1_RNG_INDEX = 0
 _ATTRIBUTION = (
     "Contains recordings from the Free Spoken Digit Dataset (Zohar Jackson and contributors, "
     "github.com/Jakobovski/free-spoken-digit-dataset), CC BY-SA 4.0, and speech synthesized "
@@ -92,9 +113,9 @@ def check_version(version: str) -> None:
 
 
 def default_size(version: str, demo: DemoConfig) -> int:
-    """A version's number of utterances: v1 ``demo.golden_utterances``, v2 :data:`V2_UTTERANCES`."""
+    """A version's number of utterances: v1 ``demo.golden_utterances``, v2 and v3 their recipe's size."""
     check_version(version)
-    return demo.golden_utterances if version == "v1" else V2_UTTERANCES
+    return demo.golden_utterances if version == "v1" else RECIPES[version].size
 
 
 def held_out_voices(version: str) -> tuple[str, ...]:
@@ -106,10 +127,9 @@ def plan_golden(version: str, demo: DemoConfig, count: int, fsdd: FsddRecordings
     check_version(version)
     if count < 1:
         raise CorpusError(f"a golden set needs >= 1 utterance, got {count}")
-    rng = golden_rng(seed, _RNG_INDEX[version])
     if version == "v1":
-        return _plan_v1(demo, count, fsdd, rng)
-    return _plan_v2(demo, count, fsdd, rng)
+        return _plan_v1(demo, count, fsdd, golden_rng(seed, _V1_RNG_INDEX))
+    return _plan_recipe(version, demo, count, fsdd, golden_rng(seed, RECIPES[version].rng_index))
 
 
 def _v1_voice(rng: np.random.Generator, voice: str) -> VoiceSettings:
@@ -152,12 +172,13 @@ def _plan_v1(demo: DemoConfig, count: int, fsdd: FsddRecordings, rng: np.random.
     return out
 
 
-def v2_quotas(count: int) -> list[tuple[str, int]]:
-    """(FSDD speaker or voice, utterances) of golden v2 at ``count`` utterances: the recipe's
-    proportions (:data:`V2_FSDD_UTTERANCES` : :data:`V2_VOICE_UTTERANCES`), largest remainder."""
+def recipe_quotas(version: str, count: int) -> list[tuple[str, int]]:
+    """(FSDD speaker or voice, utterances) of golden ``version`` (v2 on) at ``count`` utterances: its
+    recipe's proportions (:attr:`Recipe.fsdd_utterances` : :attr:`Recipe.voice_utterances`), largest remainder."""
+    recipe = RECIPES[version]
     who = list(GOLDEN_SPEAKERS) + list(V2_SEEN_VOICES) + list(V2_HELD_OUT_VOICES)
     voices = len(who) - len(GOLDEN_SPEAKERS)
-    weights = np.array([V2_FSDD_UTTERANCES] * len(GOLDEN_SPEAKERS) + [V2_VOICE_UTTERANCES] * voices)
+    weights = np.array([recipe.fsdd_utterances] * len(GOLDEN_SPEAKERS) + [recipe.voice_utterances] * voices)
     exact = count * weights / weights.sum()
     quotas = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - quotas), kind="stable")[: count - int(quotas.sum())]:
@@ -165,16 +186,17 @@ def v2_quotas(count: int) -> list[tuple[str, int]]:
     return list(zip(who, (int(q) for q in quotas), strict=True))
 
 
-def _plan_v2(demo: DemoConfig, count: int, fsdd: FsddRecordings, rng: np.random.Generator) -> list[UtterancePlan]:
-    """Golden v2: fixed shares per speaker and voice, each spread evenly over the conditions, in random order."""
+def _plan_recipe(version: str, demo: DemoConfig, count: int, fsdd: FsddRecordings,
+                 rng: np.random.Generator) -> list[UtterancePlan]:
+    """Golden v2/v3: fixed shares per speaker and voice, each spread evenly over the conditions, in random order."""
     names = list(CONDITIONS)
     slots: list[tuple[str, str]] = []
-    for who, quota in v2_quotas(count):
+    for who, quota in recipe_quotas(version, count):
         slots += [(who, names[int(c)]) for c in rng.permutation(np.arange(quota) % len(names))]
     out: list[UtterancePlan] = []
     for i, j in enumerate(rng.permutation(len(slots))):
         who, condition = slots[int(j)]
-        utt_id = f"golden-v2-{i:05d}"
+        utt_id = f"golden-{version}-{i:05d}"
         digits = draw_digits(rng, demo)
         if who in GOLDEN_SPEAKERS:
             takes = tuple(int(rng.choice(fsdd.takes(d, who, GOLDEN_TAKES))) for d in digits)
@@ -221,7 +243,7 @@ def _speakers(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def golden_meta(
     version: str, records: Sequence[dict[str, Any]], seed: int, sample_rate: int, demo: DemoConfig
 ) -> dict[str, Any]:
-    """The golden set's ``meta.json`` (v1's keys as they were; v2 adds the composition per group)."""
+    """The golden set's ``meta.json`` (v1's keys as they were; v2 and v3 add the composition per group)."""
     seen = sum(1 for r in records if r["seen"])
     meta: dict[str, Any] = {
         "attribution": _ATTRIBUTION,

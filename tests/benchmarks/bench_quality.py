@@ -16,7 +16,8 @@ only), no augmentation; ``b`` the robust front end (RMS level, dither, the pool'
 statistics: the best of the three mean-normalization choices), no augmentation;
 ``b_utterance`` / ``b_sliding`` the robust front end with per-utterance or sliding-window
 mean normalization instead; ``c_<aug>`` ``b`` plus one augmentation (``specaug``, ``gain``,
-``speed``, ``noise``, ``vtlp``); ``d`` ``b`` plus all of them.
+``speed``, ``noise``, ``vtlp``); ``d`` ``b`` plus all of them; ``e`` ``b`` plus the three that
+helped alone at 30 epochs (speed perturbation, VTLP and SpecAugment; no gain, no noise).
 
 A finished variant's result is kept under ``results/`` of the work folder, keyed by a
 hash of everything it depends on (its whole configuration, the epochs, the golden set),
@@ -66,6 +67,7 @@ def variants(config: Config) -> dict[str, dict[str, Any]]:
     for name, aug in ONE_AUG.items():
         out[f"c_{name}"] = {"features": robust, "augment": aug, "model": NO_SPECAUG}
     out["d"] = {"features": robust, "augment": {"copies": 3, "vtlp": 0.1}, "model": specaug}
+    out["e"] = {"features": robust, "augment": {**ONE_AUG["speed"], "vtlp": 0.1}, "model": specaug}
     return out
 
 
@@ -169,6 +171,19 @@ def score(result, store, golden: str) -> dict[str, Any]:
     return {"wer": wer, "n_utts": counts}
 
 
+def training_utterances(config: Config, run_id: str) -> dict[str, int]:
+    """Utterances per speaker in the training split every variant trains on (the pool less its dev split)."""
+    from collections import Counter
+
+    from pipeline.data.dataset import split_by_utterance
+    from pipeline.data.features import FeatureStore
+    from pipeline.storage import open_store
+
+    fs = FeatureStore.open(open_store(config.storage.root), run_id)
+    train_idx, _ = split_by_utterance(fs.utterances, config.train.dev_fraction, config.train.seed)
+    return dict(sorted(Counter(str(fs.utterances[i].get("speaker", "")) for i in train_idx).items()))
+
+
 def main() -> int:
     global WORK
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -217,7 +232,8 @@ def main() -> int:
     results.sort(key=lambda r: chosen.index(r["variant"]))
     best = min(results, key=lambda r: r["wer"]["overall"])
     summary = {"bench": "quality", "epochs": args.epochs, "golden": golden, "wall_s": round(time.perf_counter() - started, 1),
-               "best": best["variant"], "table": {r["variant"]: r["wer"] for r in results}}
+               "best": best["variant"], "table": {r["variant"]: r["wer"] for r in results},
+               "training_utterances": training_utterances(*jobs[chosen[0]])}
     (WORK / "quality.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2))
     print(json.dumps(summary, sort_keys=True), flush=True)
     return 0

@@ -436,6 +436,11 @@ def test_an_existing_golden_version_is_never_rewritten(tmp_path):
     store, summary = build(root, demo={**tiny, "golden_version": "v2"}, weeks=1, seed=7, golden_utterances=20)
     assert store.exists("golden/v2/manifest.jsonl") and summary["golden"]["version"] == "v2"
     assert store.get_bytes("golden/v1/manifest.jsonl") == before
+    v2 = store.get_bytes("golden/v2/manifest.jsonl")
+    store, summary = build(root, demo={**tiny, "golden_version": "v3"}, weeks=1, seed=7, golden_utterances=20)
+    assert summary["golden"]["version"] == "v3" and summary["golden"]["utterances"] == 20
+    assert json.loads(store.get_text("golden/v3/manifest.jsonl").splitlines()[0])["utt_id"] == "golden-v3-00000"
+    assert store.get_bytes("golden/v2/manifest.jsonl") == v2 and store.get_bytes("golden/v1/manifest.jsonl") == before
     with pytest.raises(CorpusError, match="unknown golden version 'v9'.*demo.golden_version"):
         build(root, demo={**tiny, "golden_version": "v9"}, weeks=1)
 

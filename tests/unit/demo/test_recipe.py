@@ -28,9 +28,10 @@ from pipeline.demo.golden import (
     V2_SEEN_VOICES,
     V2_UTTERANCES,
     V2_VOICE_UTTERANCES,
+    V3_UTTERANCES,
     group_composition,
     plan_golden,
-    v2_quotas,
+    recipe_quotas,
 )
 from pipeline.demo.recordings import GOLDEN_TAKES, FsddRecordings
 from pipeline.demo.schedule import BAD_DROPS, drop_rng, mislabel, plan_drop, plan_week
@@ -181,9 +182,23 @@ def test_golden_v2_at_full_size_gives_every_checked_group_60_utterances(v2_recor
     per_speaker = Counter((r["speaker"], r["condition"]) for r in v2_records)
     assert min(per_speaker.values()) >= 15 and len(per_speaker) == 4 * len({r["speaker"] for r in v2_records})
     assert all(t in GOLDEN_TAKES for r in v2_records for t in r["takes"])
-    assert {n for w, n in v2_quotas(V2_UTTERANCES) if w in GOLDEN_SPEAKERS} == {V2_FSDD_UTTERANCES}
-    assert {n for w, n in v2_quotas(V2_UTTERANCES) if w not in GOLDEN_SPEAKERS} == {V2_VOICE_UTTERANCES}
-    assert sum(n for _, n in v2_quotas(137)) == 137
+    assert {n for w, n in recipe_quotas("v2", V2_UTTERANCES) if w in GOLDEN_SPEAKERS} == {V2_FSDD_UTTERANCES}
+    assert {n for w, n in recipe_quotas("v2", V2_UTTERANCES) if w not in GOLDEN_SPEAKERS} == {V2_VOICE_UTTERANCES}
+    assert sum(n for _, n in recipe_quotas("v2", 137)) == 137
+
+
+def test_golden_v3_is_v2s_recipe_at_4000_utterances_with_every_checked_group_200(fsdd, v2_records):
+    plans = plan_golden("v3", DemoConfig(), V3_UTTERANCES, fsdd, seed=1234)
+    records = [{"speaker": u.speaker, "group": u.group, "seen": u.seen, "condition": u.condition, "text": u.text}
+               for u in plans]
+    groups, v2_groups = group_composition(records), group_composition(v2_records)
+    assert len(records) == V3_UTTERANCES == 4000 and set(groups) == set(v2_groups)
+    assert min(g["utterances"] for g in groups.values()) >= 200, groups
+    assert {k: g["speakers"] for k, g in groups.items()} == {k: g["speakers"] for k, g in v2_groups.items()}
+    assert plans[0].utt_id == "golden-v3-00000" and len({u.utt_id for u in plans}) == len(plans)
+    # its own draws: not v2's utterances again
+    v2_texts = [r["text"] for r in v2_records]
+    assert [r["text"] for r in records[: len(v2_texts)]] != v2_texts
 
 
 def blockwise_half_width(a: np.ndarray, b: np.ndarray, words: np.ndarray, speakers: list[str], n: int = 400) -> float:
