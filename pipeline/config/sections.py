@@ -204,9 +204,10 @@ class TrainConfig(Section):
         "resumes from the last checkpoint collected, so a checkpoint written less than this long before the "
         "loss is trained again",
     )
-    init: Literal["scratch", "production"] = Field(
-        "scratch", description="full training: start from production's weights when the architecture matches "
-        "(same model and n_mels; otherwise scratch, recorded in metrics.json with the reason)",
+    init: Literal["scratch", "production", "search"] = Field(
+        "scratch", description="full training: start from production's weights (production) or from the "
+        "search's selected trial at the top rung (search: runs/RUN/search/chosen_weights.pt) when the "
+        "architecture matches (same model and n_mels; otherwise scratch, recorded in metrics.json with the reason)",
     )
 
 

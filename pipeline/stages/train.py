@@ -16,6 +16,11 @@ The best epoch by dev WER is exported (``runs/{run_id}/train/model.pt``) with
 ``train.init: production`` starts from production's weights (the registered production
 model's TorchScript holds them: ``ServingModel.model``) when the architecture matches (same
 model shapes and n_mels); otherwise, or at a cold start, training starts from scratch.
+``train.init: search`` starts from the run's search: the selected trial's weights at the top
+rung (``search/chosen_weights.pt``), so the compute the search spent on that configuration is
+kept; without a search output, or when the architecture differs, from scratch. Those weights saw
+only the proxy's train split, which may hold utterances of full training's dev split: the dev
+WER that picks the best epoch can then be slightly optimistic (the golden set is untouched).
 ``metrics.json`` and the model's ``meta.json`` record ``init`` with the reason. A retried
 stage resumes from its own checkpoint either way. Keys of ``hparams`` that start with ``_``
 (e.g. the search's ``_selection`` note in ``best_config.json``) are notes, not settings.
@@ -167,6 +172,8 @@ def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainCon
     """(production's state dict or None, the record of the choice) for ``train.init``."""
     if train_cfg.init == "scratch":
         return None, {"init": "scratch", "reason": "train.init: scratch"}
+    if train_cfg.init == "search":
+        return _search_weights(ctx, model_cfg, n_mels)
     from pipeline.asr.evaluation import model_meta
     from pipeline.asr.training import build_model, init_weights
     from pipeline.tracking import production_model
@@ -192,6 +199,36 @@ def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainCon
     except RuntimeError as exc:
         return None, {**record, "init": "scratch", "reason": f"production's weights do not fit: {str(exc)[:300]}"}
     return state, {**record, "init": "production", "reason": f"warm start from production v{prod.version}"}
+
+
+def _search_weights(ctx: RunContext, model_cfg: ModelConfig, n_mels: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The search's selected trial's top-rung weights for ``train.init: search``, or scratch and why."""
+    from pipeline.asr.training import build_model, init_weights
+    from pipeline.stages.search.stage import CHOSEN_WEIGHTS
+
+    key = ctx.stage_key("search", CHOSEN_WEIGHTS)
+    if not ctx.store.exists(key):
+        return None, {"init": "scratch", "requested": "search", "reason": f"no search weights at {ctx.store.uri(key)}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHOSEN_WEIGHTS
+        ctx.store.download_file(key, path)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    record = {"requested": "search", "search_trial": saved.get("trial_id"), "search_epoch": saved.get("epoch")}
+    differ = [f"{k} {v!r} -> {getattr(model_cfg, k)!r}" for k, v in sorted((saved.get("model_cfg") or {}).items())
+              if k in ARCH_KEYS and getattr(model_cfg, k, v) != v]
+    if int(saved.get("n_mels", -1)) != n_mels:
+        differ.append(f"n_mels {saved.get('n_mels')} -> {n_mels}")
+    if differ:
+        return None, {**record, "init": "scratch", "reason": f"architecture differs from the search's trial: {', '.join(differ)}"}
+    fresh = build_model(model_cfg, n_mels)
+    derived = set(dict(fresh.named_buffers())) - set(fresh.state_dict())
+    state = {k: v for k, v in saved["model"].items() if k not in derived}
+    try:
+        init_weights(fresh, state)
+    except RuntimeError as exc:
+        return None, {**record, "init": "scratch", "reason": f"the search's weights do not fit: {str(exc)[:300]}"}
+    return state, {**record, "init": "search",
+                   "reason": f"warm start from search trial {saved.get('trial_id')} at the top rung (epoch {saved.get('epoch')} on the proxy)"}
 
 
 def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int], dev_idx: list[int],

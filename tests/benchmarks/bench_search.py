@@ -10,7 +10,8 @@ bench's ``--epochs``/``--batch-size``/``--warmup-steps``). Then, in this order:
 
 2. **search**: this search (the incumbent as trial 0, rungs sized from the proxy and the
    full-training budget, the margin) + full training (Ray Train) of what it selected for
-   ``--epochs``. Its CPU-seconds are the budget.
+   ``--epochs``, starting from the selected trial's top-rung weights (``--init search``, the
+   default; ``--init scratch`` as before). Its CPU-seconds are the budget.
 1. **no search**: the incumbent trained alone with that whole budget: its epochs are set so
    that its CPU-seconds match (2)'s (estimated from (2)'s training, then measured).
 3. **plain Optuna**: TPE (Optuna's defaults) with a median pruner, in this process without
@@ -106,7 +107,7 @@ def bench_config(args: argparse.Namespace, work: Path) -> Config:
     data["storage"]["root"] = str(work / "store")
     data["demo"].update(weeks=1, utterances_per_week=args.utterances, golden_utterances=args.golden)
     data["train"].update(epochs=args.epochs, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
-                         num_workers=args.workers)
+                         num_workers=args.workers, init=args.init)
     data["search"].update(trials=args.trials, budget_s=None, max_epochs=None, grace_period=None, reduction_factor=None,
                           metric="score", max_concurrent=2, cpus_per_trial=1, warm_start_top_k=0, seed=0,
                           fidelity_top_k=0, top_rung_fraction=args.top_rung_fraction, min_improvement=args.margin)
@@ -174,6 +175,7 @@ def arm_search(ctx, meter: CpuMeter) -> dict[str, Any]:
             "train_cpu_s": round(c2 - c1, 1), "wall_s": round(t2 - t0, 1), "search_wall_s": round(t1 - t0, 1),
             "train_wall_s": round(t2 - t1, 1), "epochs": train["epochs"], "train_s": train["train_s"],
             "epochs_cpu_s": round(epochs_cpu, 1), "full_dev_wer": train["dev_wer"], "chosen_trial": summary["best_trial"],
+            "init": train.get("init"), "chosen_weights": summary.get("chosen_weights"),
             "selection": summary["selection"],
             "rungs": {k: summary["rungs"][k] for k in ("grace_period", "reduction_factor", "max_t", "rungs", "warmup_scale")},
             "statuses": summary["statuses"], "top_rung": summary["top_rung"], "alerts": summary["alerts"],
@@ -202,7 +204,8 @@ def arm_no_search(ctx, meter: CpuMeter, epochs: int) -> dict[str, Any]:
     train = train_full(ctx, epochs=epochs)
     c1, t1 = meter.sample(), time.perf_counter()
     _shutdown_ray()
-    return {"arm": "1_no_search", "cpu_s": round(c1 - c0, 1), "wall_s": round(t1 - t0, 1), "epochs": train["epochs"]}
+    return {"arm": "1_no_search", "cpu_s": round(c1 - c0, 1), "wall_s": round(t1 - t0, 1), "epochs": train["epochs"],
+            "init": train.get("init")}
 
 
 def _proxy_sets(ctx, hp: dict[str, Any]):
@@ -328,6 +331,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--top-rung-fraction", type=float, default=0.5, help="search.top_rung_fraction")
     parser.add_argument("--margin", type=float, default=0.01, help="search.min_improvement")
+    parser.add_argument("--init", choices=("search", "scratch"), default="search",
+                        help="train.init of full training: search (arm 2 starts from its selected trial's top-rung "
+                             "weights; arms 1 and 3 have no search output and start from scratch) or scratch")
     parser.add_argument("--fidelity-k", type=int, default=3, help="0: skip the proxy-fidelity check")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args()

@@ -102,3 +102,14 @@ def test_an_impossible_margin_keeps_the_incumbent_configuration(tmp_path, monkey
     assert inc["source"] == "config-default" and summary["best_trial"] == inc["trial_id"]
     default = {**ctx.config.model.model_dump(), "lr": ctx.config.train.lr, "n_mels": ctx.config.features.n_mels}
     assert {k: summary["best_config"][k] for k in default} == default
+    # the incumbent's top-rung weights are kept for full training (train.init: search)
+    from pipeline.asr.training import resolve_hparams
+    from pipeline.stages.train import initial_weights
+
+    assert summary["chosen_weights"]["saved"] is True and summary["chosen_weights"]["trial_id"] == inc["trial_id"]
+    assert summary["chosen_weights"]["epoch"] == inc["top_rung"]["epoch"] == summary["rungs"]["max_t"]
+    model_cfg, train_cfg = resolve_hparams(ctx.config, {k: v for k, v in summary["best_config"].items()
+                                                        if k not in ("n_mels", "win_ms", "hop_ms")})
+    state, record = initial_weights(ctx, model_cfg, train_cfg.model_copy(update={"init": "search"}),
+                                    summary["best_config"]["n_mels"])
+    assert record["init"] == "search" and record["search_trial"] == inc["trial_id"] and state, record

@@ -19,7 +19,8 @@ configuration. ``search.fidelity_top_k >= 2`` adds the proxy-fidelity check
 
 Outputs in ``runs/{run_id}/search/``: ``best_config.json`` (the hyperparameters full training
 uses, with ``_selection``: the decision and its reason), ``leaderboard.json``,
-``importance.json``, ``curves.png``, ``importance.png``; MLflow gets one parent run with a
+``importance.json``, ``curves.png``, ``importance.png`` and ``chosen_weights.pt`` (the selected
+trial's weights at the top rung, which ``train.init: search`` starts full training from); MLflow gets one parent run with a
 nested run per trial. Front-end choices (n_mels, win_ms, hop_ms) each get their own feature
 cache, built before the trials start.
 """
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "search"
 HISTORY_KEY = ("search", "history.jsonl")
+CHOSEN_WEIGHTS = "chosen_weights.pt"  # the selected trial's top-rung weights (train.init: search)
 
 
 def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
@@ -207,8 +209,37 @@ def _search(ctx: RunContext, trials: int | None, budget_s: float | None, product
         if alert:
             summary["alerts"].append(alert)
     _write_outputs(ctx, space, plan, board, best, selection, summary)
+    summary["chosen_weights"] = _save_chosen_weights(ctx, grid, chosen, plan.max_t)
     _append_history(ctx, board)
     return summary
+
+
+def _save_chosen_weights(ctx: RunContext, grid, chosen: dict[str, Any] | None, max_t: int) -> dict[str, Any]:
+    """The selected trial's top-rung weights as ``search/chosen_weights.pt``, for ``train.init: search``."""
+    import torch
+
+    from pipeline.stages.search.trial import STATE_FILE
+
+    if chosen is None or chosen.get("top_rung") is None:
+        return {"saved": False, "reason": "the selected configuration has no top-rung checkpoint"}
+    by_id = {(r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else None): r for r in grid}
+    result = by_id.get(chosen["trial_id"])
+    checkpoint = getattr(result, "checkpoint", None)
+    if checkpoint is None:
+        return {"saved": False, "reason": f"trial {chosen['trial_id']} left no checkpoint"}
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    if int(state.get("epoch", -1)) != max_t:
+        return {"saved": False, "reason": f"trial {chosen['trial_id']}'s last checkpoint is epoch {state.get('epoch')}, "
+                                          f"not the top rung ({max_t})"}
+    keep = {"model": state["model"], "model_cfg": state["model_cfg"], "n_mels": state["n_mels"],
+            "epoch": state["epoch"], "trial_id": chosen["trial_id"], "dev_wer": chosen["top_rung"]["dev_wer"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHOSEN_WEIGHTS
+        torch.save(keep, path)
+        ctx.store.upload_file(ctx.stage_key(STAGE, CHOSEN_WEIGHTS), path)
+    return {"saved": True, "trial_id": chosen["trial_id"], "epoch": state["epoch"],
+            "uri": ctx.store.uri(ctx.stage_key(STAGE, CHOSEN_WEIGHTS))}
 
 
 def _summary(ctx: RunContext, board: list[dict[str, Any]], incumbent: Incumbent, plan: RungPlan,

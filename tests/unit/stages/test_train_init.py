@@ -1,6 +1,10 @@
-"""train.init: full training starts from production's weights when the architecture matches."""
+"""train.init: full training starts from production's weights, or the search's selected trial's, when the
+architecture matches."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +70,38 @@ def test_cold_start_is_scratch(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.tracking.production_model", lambda cfg: None)
     state, record = initial_weights(_ctx(tmp_path), TINY, TrainConfig(init="production"), 40)
     assert state is None and record["reason"] == "no production model (cold start)"
+
+
+def _save_search_weights(ctx, model_cfg, n_mels: int, seed: int = 4) -> dict:
+    from support.model_factory import tiny_model
+
+    from pipeline.stages.search.stage import CHOSEN_WEIGHTS
+
+    model = tiny_model("random", seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHOSEN_WEIGHTS
+        torch.save({"model": model.state_dict(), "model_cfg": model_cfg.model_dump(), "n_mels": n_mels, "epoch": 6,
+                    "trial_id": "t0", "dev_wer": 0.4}, path)
+        ctx.store.upload_file(ctx.stage_key("search", CHOSEN_WEIGHTS), path)
+    return model.state_dict()
+
+
+def test_search_weights_when_the_run_has_them_and_the_architecture_matches(tmp_path):
+    from support.model_factory import TINY
+
+    from pipeline.stages.train import initial_weights
+
+    ctx = _ctx(tmp_path)
+    state, record = initial_weights(ctx, TINY, TrainConfig(init="search"), 40)
+    assert state is None and record["init"] == "scratch" and record["reason"].startswith("no search weights at ")
+    want = _save_search_weights(ctx, TINY, 40)
+    state, record = initial_weights(ctx, TINY.model_copy(update={"dropout": 0.3}), TrainConfig(init="search"), 40)
+    assert record["init"] == "search" and record["search_trial"] == "t0" and record["search_epoch"] == 6
+    assert set(state) == set(want) and all(torch.equal(state[k], want[k]) for k in want)
+    state, record = initial_weights(ctx, TINY.model_copy(update={"d_model": 64}), TrainConfig(init="search"), 40)
+    assert state is None and record["init"] == "scratch" and "d_model 32 -> 64" in record["reason"]
+    state, record = initial_weights(ctx, TINY, TrainConfig(init="search"), 64)
+    assert state is None and "n_mels 40 -> 64" in record["reason"]
 
 
 def test_the_loop_starts_from_init_state_unless_it_resumes():
