@@ -30,6 +30,8 @@ SUCCESS = "_SUCCESS"
 # The weekly run's stages in order: each is a DAG task, a module of pipeline.stages and a
 # partition runs/{run_id}/{stage}/.
 STAGES = ("ingest", "features", "proxy", "search", "train", "gate", "register", "deploy")
+# (stage, file) of the search's selected trial's top-rung weights: written by search, read by train.init: search
+SEARCH_WEIGHTS = ("search", "chosen_weights.pt")
 
 
 def new_run_id() -> str:

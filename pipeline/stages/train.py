@@ -204,13 +204,13 @@ def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainCon
 def _search_weights(ctx: RunContext, model_cfg: ModelConfig, n_mels: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The search's selected trial's top-rung weights for ``train.init: search``, or scratch and why."""
     from pipeline.asr.training import build_model, init_weights
-    from pipeline.stages.search.stage import CHOSEN_WEIGHTS
+    from pipeline.run import SEARCH_WEIGHTS
 
-    key = ctx.stage_key("search", CHOSEN_WEIGHTS)
+    key = ctx.stage_key(*SEARCH_WEIGHTS)
     if not ctx.store.exists(key):
         return None, {"init": "scratch", "requested": "search", "reason": f"no search weights at {ctx.store.uri(key)}"}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHOSEN_WEIGHTS
+        path = Path(tmp) / SEARCH_WEIGHTS[1]
         ctx.store.download_file(key, path)
         saved = torch.load(path, map_location="cpu", weights_only=False)
     record = {"requested": "search", "search_trial": saved.get("trial_id"), "search_epoch": saved.get("epoch")}

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import FeatureConfig
-from pipeline.run import RunContext
+from pipeline.run import SEARCH_WEIGHTS, RunContext
 from pipeline.stages.search.fidelity import fidelity_alert, measure_fidelity
 from pipeline.stages.search.incumbent import Incumbent, find_incumbent
 from pipeline.stages.search.report import importance, log_mlflow, plots
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "search"
 HISTORY_KEY = ("search", "history.jsonl")
-CHOSEN_WEIGHTS = "chosen_weights.pt"  # the selected trial's top-rung weights (train.init: search)
 
 
 def _proxy_ids(ctx: RunContext) -> tuple[list[str], list[str]]:
@@ -234,12 +233,12 @@ def _save_chosen_weights(ctx: RunContext, grid, chosen: dict[str, Any] | None, m
                                           f"not the top rung ({max_t})"}
     keep = {"model": state["model"], "model_cfg": state["model_cfg"], "n_mels": state["n_mels"],
             "epoch": state["epoch"], "trial_id": chosen["trial_id"], "dev_wer": chosen["top_rung"]["dev_wer"]}
+    key = ctx.stage_key(*SEARCH_WEIGHTS)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHOSEN_WEIGHTS
+        path = Path(tmp) / SEARCH_WEIGHTS[1]
         torch.save(keep, path)
-        ctx.store.upload_file(ctx.stage_key(STAGE, CHOSEN_WEIGHTS), path)
-    return {"saved": True, "trial_id": chosen["trial_id"], "epoch": state["epoch"],
-            "uri": ctx.store.uri(ctx.stage_key(STAGE, CHOSEN_WEIGHTS))}
+        ctx.store.upload_file(key, path)
+    return {"saved": True, "trial_id": chosen["trial_id"], "epoch": state["epoch"], "uri": ctx.store.uri(key)}
 
 
 def _summary(ctx: RunContext, board: list[dict[str, Any]], incumbent: Incumbent, plan: RungPlan,

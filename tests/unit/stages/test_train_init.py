@@ -75,14 +75,14 @@ def test_cold_start_is_scratch(tmp_path, monkeypatch):
 def _save_search_weights(ctx, model_cfg, n_mels: int, seed: int = 4) -> dict:
     from support.model_factory import tiny_model
 
-    from pipeline.stages.search.stage import CHOSEN_WEIGHTS
+    from pipeline.run import SEARCH_WEIGHTS
 
     model = tiny_model("random", seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHOSEN_WEIGHTS
+        path = Path(tmp) / SEARCH_WEIGHTS[1]
         torch.save({"model": model.state_dict(), "model_cfg": model_cfg.model_dump(), "n_mels": n_mels, "epoch": 6,
                     "trial_id": "t0", "dev_wer": 0.4}, path)
-        ctx.store.upload_file(ctx.stage_key("search", CHOSEN_WEIGHTS), path)
+        ctx.store.upload_file(ctx.stage_key(*SEARCH_WEIGHTS), path)
     return model.state_dict()
 
 
