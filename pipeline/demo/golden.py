@@ -31,7 +31,6 @@ words, speakers), from which a report can say what differences the set can detec
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +72,7 @@ V2_SEEN_VOICES: tuple[str, ...] = (
 V2_HELD_OUT_VOICES: tuple[str, ...] = ("en-gb-scotland+f4", "en-gb-scotland+m2", "en-us+Annie", "en-gb-x-rp+michel")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """A conditions-era golden version (v2 on): utterances per FSDD speaker and per voice, its draws' stream."""
 

@@ -169,13 +169,12 @@ def _winner_features(ctx: RunContext, hparams: dict[str, Any] | None) -> str:
 
 def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainConfig,
                     n_mels: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(production's state dict or None, the record of the choice) for ``train.init``."""
+    """(production's or the search's state dict, or None; the record of the choice) for ``train.init``."""
     if train_cfg.init == "scratch":
         return None, {"init": "scratch", "reason": "train.init: scratch"}
     if train_cfg.init == "search":
         return _search_weights(ctx, model_cfg, n_mels)
     from pipeline.asr.evaluation import model_meta
-    from pipeline.asr.training import build_model, init_weights
     from pipeline.tracking import production_model
 
     prod = production_model(ctx.config.mlflow)
@@ -183,27 +182,17 @@ def initial_weights(ctx: RunContext, model_cfg: ModelConfig, train_cfg: TrainCon
         return None, {"init": "scratch", "requested": "production", "reason": "no production model (cold start)"}
     meta = model_meta(prod.path)
     record = {"requested": "production", "production_version": prod.version, "production_run_id": prod.run_id}
-    prod_mels = int((meta.get("frontend") or {}).get("n_mels", -1))
-    differ = [f"{k} {v!r} -> {getattr(model_cfg, k)!r}" for k, v in sorted((meta.get("model") or {}).items())
-              if k in ARCH_KEYS and getattr(model_cfg, k, v) != v]
-    if prod_mels != n_mels:
-        differ.append(f"n_mels {prod_mels} -> {n_mels}")
-    if differ:
-        return None, {**record, "init": "scratch", "reason": f"architecture differs from production: {', '.join(differ)}"}
-    fresh = build_model(model_cfg, n_mels)
-    derived = set(dict(fresh.named_buffers())) - set(fresh.state_dict())  # e.g. positional tables: rebuilt, not loaded
-    module = torch.jit.load(str(prod.path), map_location="cpu")
-    state = {k: v.detach().clone() for k, v in module.model.state_dict().items() if k not in derived}
-    try:  # the same shapes, checked here so that a mismatch is a recorded scratch start, not a failed stage
-        init_weights(fresh, state)
-    except RuntimeError as exc:
-        return None, {**record, "init": "scratch", "reason": f"production's weights do not fit: {str(exc)[:300]}"}
-    return state, {**record, "init": "production", "reason": f"warm start from production v{prod.version}"}
+
+    def load() -> dict[str, Any]:
+        module = torch.jit.load(str(prod.path), map_location="cpu")
+        return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+    return _fit(model_cfg, n_mels, meta.get("model") or {}, int((meta.get("frontend") or {}).get("n_mels", -1)), load,
+                record, "production", "production", f"warm start from production v{prod.version}")
 
 
 def _search_weights(ctx: RunContext, model_cfg: ModelConfig, n_mels: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The search's selected trial's top-rung weights for ``train.init: search``, or scratch and why."""
-    from pipeline.asr.training import build_model, init_weights
     from pipeline.run import SEARCH_WEIGHTS
 
     key = ctx.stage_key(*SEARCH_WEIGHTS)
@@ -213,22 +202,32 @@ def _search_weights(ctx: RunContext, model_cfg: ModelConfig, n_mels: int) -> tup
         path = Path(tmp) / SEARCH_WEIGHTS[1]
         ctx.store.download_file(key, path)
         saved = torch.load(path, map_location="cpu", weights_only=False)
-    record = {"requested": "search", "search_trial": saved.get("trial_id"), "search_epoch": saved.get("epoch")}
-    differ = [f"{k} {v!r} -> {getattr(model_cfg, k)!r}" for k, v in sorted((saved.get("model_cfg") or {}).items())
+    trial, epoch = saved.get("trial_id"), saved.get("epoch")
+    return _fit(model_cfg, n_mels, saved.get("model_cfg") or {}, int(saved.get("n_mels", -1)), lambda: saved["model"],
+                {"requested": "search", "search_trial": trial, "search_epoch": epoch}, "search", "the search's trial",
+                f"warm start from search trial {trial} at the top rung (epoch {epoch} on the proxy)")
+
+
+def _fit(model_cfg: ModelConfig, n_mels: int, their_cfg: dict[str, Any], their_mels: int, load, record: dict[str, Any],
+         init: str, whose: str, reason: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``load()``'s weights when the architecture matches (:data:`ARCH_KEYS`, n_mels) and they load;
+    otherwise None and a scratch record saying why."""
+    from pipeline.asr.training import build_model, init_weights
+
+    differ = [f"{k} {v!r} -> {getattr(model_cfg, k)!r}" for k, v in sorted(their_cfg.items())
               if k in ARCH_KEYS and getattr(model_cfg, k, v) != v]
-    if int(saved.get("n_mels", -1)) != n_mels:
-        differ.append(f"n_mels {saved.get('n_mels')} -> {n_mels}")
+    if their_mels != n_mels:
+        differ.append(f"n_mels {their_mels} -> {n_mels}")
     if differ:
-        return None, {**record, "init": "scratch", "reason": f"architecture differs from the search's trial: {', '.join(differ)}"}
+        return None, {**record, "init": "scratch", "reason": f"architecture differs from {whose}: {', '.join(differ)}"}
     fresh = build_model(model_cfg, n_mels)
-    derived = set(dict(fresh.named_buffers())) - set(fresh.state_dict())
-    state = {k: v for k, v in saved["model"].items() if k not in derived}
-    try:
+    derived = set(dict(fresh.named_buffers())) - set(fresh.state_dict())  # e.g. positional tables: rebuilt, not loaded
+    state = {k: v for k, v in load().items() if k not in derived}
+    try:  # the same shapes, checked here so that a mismatch is a recorded scratch start, not a failed stage
         init_weights(fresh, state)
     except RuntimeError as exc:
-        return None, {**record, "init": "scratch", "reason": f"the search's weights do not fit: {str(exc)[:300]}"}
-    return state, {**record, "init": "search",
-                   "reason": f"warm start from search trial {saved.get('trial_id')} at the top rung (epoch {saved.get('epoch')} on the proxy)"}
+        return None, {**record, "init": "scratch", "reason": f"{whose}'s weights do not fit: {str(exc)[:300]}"}
+    return state, {**record, "init": init, "reason": reason}
 
 
 def _build_trainer(ctx: RunContext, index: dict[str, Any], train_idx: list[int], dev_idx: list[int],

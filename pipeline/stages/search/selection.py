@@ -51,6 +51,11 @@ def _top_rung(curves: dict[str, list[tuple[int, float]]], max_t: int) -> dict[st
     return {"epoch": max_t, **{k: v for k, v in at.items() if v is not None}}
 
 
+def trial_id_of(result) -> str | None:
+    """A Tune ``Result``'s trial id (its reported ``trial_id``, else its folder's name)."""
+    return (result.metrics or {}).get("trial_id") or (Path(result.path).name if result.path else None)
+
+
 def trial_row(result, max_t: int, metric: str) -> dict[str, Any]:
     """One leaderboard row from a Tune ``Result``."""
     df = result.metrics_dataframe
@@ -66,7 +71,7 @@ def trial_row(result, max_t: int, metric: str) -> dict[str, Any]:
     top = _top_rung(curves, max_t) if status == "completed" else None
     tag = str(metrics.get("experiment_tag", "")).split("_", 1)[0]
     return {
-        "trial_id": metrics.get("trial_id") or (Path(result.path).name if result.path else None),
+        "trial_id": trial_id_of(result),
         "trial_number": int(tag) if tag.isdigit() else None,
         "source": config.get(INCUMBENT_KEY) or config.get(WARM_START_KEY),
         "incumbent": bool(config.get(INCUMBENT_KEY)),

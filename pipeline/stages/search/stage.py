@@ -40,7 +40,7 @@ from pipeline.stages.search.fidelity import fidelity_alert, measure_fidelity
 from pipeline.stages.search.incumbent import Incumbent, find_incumbent
 from pipeline.stages.search.report import importance, log_mlflow, plots
 from pipeline.stages.search.rungs import RungPlan, plan_rungs
-from pipeline.stages.search.selection import WINNER, chosen_row, leaderboard, select
+from pipeline.stages.search.selection import WINNER, chosen_row, leaderboard, select, trial_id_of
 from pipeline.stages.search.space import FRONTEND_PARAMS, SearchSpace, filter_point, load_space
 from pipeline.stages.search.trial import frontend_key, trial_hparams
 
@@ -221,8 +221,7 @@ def _save_chosen_weights(ctx: RunContext, grid, chosen: dict[str, Any] | None, m
 
     if chosen is None or chosen.get("top_rung") is None:
         return {"saved": False, "reason": "the selected configuration has no top-rung checkpoint"}
-    by_id = {(r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else None): r for r in grid}
-    result = by_id.get(chosen["trial_id"])
+    result = next((r for r in grid if trial_id_of(r) == chosen["trial_id"]), None)
     checkpoint = getattr(result, "checkpoint", None)
     if checkpoint is None:
         return {"saved": False, "reason": f"trial {chosen['trial_id']} left no checkpoint"}
