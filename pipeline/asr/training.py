@@ -157,8 +157,8 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
         self.kind = cfg.schedule
-        total = max(2, total_steps)
-        warm = min(total - 1, max(1, round(cfg.warmup_share * total)))
+        warm = max(1, cfg.warmup_steps)
+        total = max(total_steps, warm + 1)
         if self.kind == "noam":
             fn = lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1)))  # noqa: E731
         elif self.kind == "cosine":

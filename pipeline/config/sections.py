@@ -180,10 +180,7 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-2, ge=0, le=1)
     schedule: Literal["noam", "cosine", "plateau"] = "cosine"
-    warmup_share: float = Field(
-        0.1, ge=0, le=0.5,
-        description="share of the run's optimizer steps over which the learning rate ramps up linearly (cosine and plateau: to lr; noam: its peak), so a short run on a small pool and a long one have the same schedule shape",
-    )
+    warmup_steps: int = Field(100, ge=0)
     clip_norm: float = Field(5.0, gt=0)
     max_grad_norm_abort: float = Field(1e4, gt=0, description="a gradient norm above this is divergence")
     seed: int = 0

@@ -6,7 +6,7 @@ One demo week (``--utterances`` in the pool, a ``--golden``-utterance v1 golden 
 unseen cohort) is ingested, featurized (every front end of the space, outside the budgets)
 and sampled into a proxy (``proxy:`` of configs/local.yaml). It is a cold start: the
 incumbent is the configured default (``model:``/``train:`` of configs/local.yaml, with the
-bench's ``--epochs``/``--batch-size``/``--warmup-share``). Then, in this order:
+bench's ``--epochs``/``--batch-size``/``--warmup-steps``). Then, in this order:
 
 2. **search**: this search (the incumbent as trial 0, rungs sized from the proxy and the
    full-training budget, the margin) + full training (Ray Train) of what it selected for
@@ -106,7 +106,7 @@ def bench_config(args: argparse.Namespace, work: Path) -> Config:
     data = load_config().model_dump(mode="json")
     data["storage"]["root"] = str(work / "store")
     data["demo"].update(weeks=1, utterances_per_week=args.utterances, golden_utterances=args.golden)
-    data["train"].update(epochs=args.epochs, batch_size=args.batch_size, warmup_share=args.warmup_share,
+    data["train"].update(epochs=args.epochs, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                          num_workers=args.workers, init=args.init)
     data["search"].update(trials=args.trials, budget_s=None, max_epochs=None, grace_period=None, reduction_factor=None,
                           metric="score", max_concurrent=2, cpus_per_trial=1, warm_start_top_k=0, seed=0,
@@ -177,7 +177,7 @@ def arm_search(ctx, meter: CpuMeter) -> dict[str, Any]:
             "epochs_cpu_s": round(epochs_cpu, 1), "full_dev_wer": train["dev_wer"], "chosen_trial": summary["best_trial"],
             "init": train.get("init"), "chosen_weights": summary.get("chosen_weights"),
             "selection": summary["selection"],
-            "rungs": {k: summary["rungs"][k] for k in ("grace_period", "reduction_factor", "max_t", "rungs")},
+            "rungs": {k: summary["rungs"][k] for k in ("grace_period", "reduction_factor", "max_t", "rungs", "warmup_scale")},
             "statuses": summary["statuses"], "top_rung": summary["top_rung"], "alerts": summary["alerts"],
             "overhead_per_slot": summary["overhead_per_slot"], "trial_compute_s": summary["trial_compute_s"],
             "n_startup_trials": summary["n_startup_trials"], "best_config": summary["best_config"],
@@ -224,7 +224,7 @@ def _proxy_sets(ctx, hp: dict[str, Any]):
     return fs, sets[0], sets[1]
 
 
-def plain_optuna(ctx, budget_cpu_s: float, max_t: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def plain_optuna(ctx, budget_cpu_s: float, max_t: int, warmup_scale: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """TPE + median pruner in this process, until ``budget_cpu_s`` of this process's CPU is spent."""
     import optuna
     import torch
@@ -244,6 +244,7 @@ def plain_optuna(ctx, budget_cpu_s: float, max_t: int) -> tuple[dict[str, Any], 
         hp = trial_hparams(trial.params, base)
         fs, train_set, dev_set = _proxy_sets(ctx, hp)
         model_cfg, train_cfg = resolve_hparams(config, {k: v for k, v in hp.items() if k not in FRONTEND_PARAMS})
+        train_cfg = train_cfg.model_copy(update={"warmup_steps": int(round(train_cfg.warmup_steps * warmup_scale))})
         last = [DIVERGED_WER]
 
         def report(rep, _state):
@@ -275,11 +276,11 @@ def plain_optuna(ctx, budget_cpu_s: float, max_t: int) -> tuple[dict[str, Any], 
     return (trial_hparams(best.params, base) if best else base), info
 
 
-def arm_plain(ctx, meter: CpuMeter, budget_cpu_s: float, max_t: int) -> dict[str, Any]:
+def arm_plain(ctx, meter: CpuMeter, budget_cpu_s: float, max_t: int, warmup_scale: float) -> dict[str, Any]:
     from pipeline.stages.train import train_full
 
     c0, t0 = meter.sample(), time.perf_counter()
-    hp, info = plain_optuna(ctx, budget_cpu_s, max_t)
+    hp, info = plain_optuna(ctx, budget_cpu_s, max_t, warmup_scale)
     c1 = meter.sample()
     train = train_full(ctx, hparams=hp)
     c2, t2 = meter.sample(), time.perf_counter()
@@ -325,7 +326,7 @@ def main() -> int:
     parser.add_argument("--golden", type=int, default=120, help="golden-set utterances (v1: with an unseen cohort)")
     parser.add_argument("--epochs", type=int, default=12, help="full training's epochs in arms (2) and (3)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup-share", type=float, default=0.1, help="train.warmup_share of every training")
+    parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2, help="DDP workers of full training (one thread each)")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--top-rung-fraction", type=float, default=0.5, help="search.top_rung_fraction")
@@ -361,8 +362,8 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
     arms["1_no_search"] = {**arm_no_search(ctxs["1_no_search"], meter, epochs1), **score_model(ctxs["1_no_search"], golden)}
     print(json.dumps(arms["1_no_search"], sort_keys=True), flush=True)
     rungs = arms["2_search"]["rungs"]
-    arms["3_plain_optuna"] = {**arm_plain(ctxs["3_plain_optuna"], meter, arms["2_search"]["search_cpu_s"], rungs["max_t"]),
-                                          **score_model(ctxs["3_plain_optuna"], golden)}
+    arms["3_plain_optuna"] = {**arm_plain(ctxs["3_plain_optuna"], meter, arms["2_search"]["search_cpu_s"], rungs["max_t"],
+                                          rungs["warmup_scale"]), **score_model(ctxs["3_plain_optuna"], golden)}
     print(json.dumps(arms["3_plain_optuna"], sort_keys=True), flush=True)
     meter.stop()
     fidelity = None

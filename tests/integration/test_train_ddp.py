@@ -23,7 +23,7 @@ def pipeline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     config = Config(
         demo=DemoConfig(weeks=1, utterances_per_week=48, golden_utterances=20, max_digits=3),
-        train=TrainConfig(epochs=2, batch_size=8, num_workers=2, max_failures=0, warmup_share=0.1),
+        train=TrainConfig(epochs=2, batch_size=8, num_workers=2, max_failures=0, warmup_steps=5),
     )
     store = open_store(str(root))
     build_demo_corpus(store, config.demo, config.audio.sample_rate, progress=False)

@@ -209,7 +209,7 @@ def _train_workers(spec) -> list:
 def test_worker_node_lost_mid_ddp_epoch_resumes_on_the_restarted_node(prepared, tmp_path, cluster, observe):
     _, spec = cluster
     ctx = _run(prepared, tmp_path, cluster, train={"epochs": TRAIN_EPOCHS, "num_workers": 2, "max_failures": 2,
-                                                   "batch_size": 1, "warmup_share": 0.1})  # epochs of a few seconds
+                                                   "batch_size": 1, "warmup_steps": 5})  # epochs of a few seconds
     t0 = time.monotonic()
     driver = StageDriver(ctx, "train", tmp_path / "driver.log")
     try:

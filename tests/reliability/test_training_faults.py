@@ -42,7 +42,7 @@ EPOCHS = 5
 def _config(max_failures: int, hang_timeout_s: int = 600) -> Config:
     return Config(
         demo=DemoConfig(weeks=1, utterances_per_week=120, golden_utterances=8, max_digits=3),
-        train=TrainConfig(epochs=EPOCHS, batch_size=8, num_workers=2, max_failures=max_failures, warmup_share=0.1,
+        train=TrainConfig(epochs=EPOCHS, batch_size=8, num_workers=2, max_failures=max_failures, warmup_steps=5,
                           hang_timeout_s=hang_timeout_s),  # fmt: skip
     )
 

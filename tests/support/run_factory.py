@@ -39,7 +39,7 @@ def small_config(root: Path, **search) -> Config:
     config = Config(
         demo=DemoConfig(weeks=1, utterances_per_week=40, golden_utterances=10, max_digits=2),
         proxy=ProxyConfig(fraction=1.0, dev_fraction=0.25),
-        train=TrainConfig(batch_size=8, warmup_share=0.1),
+        train=TrainConfig(batch_size=8, warmup_steps=5),
         search=SearchConfig(**search_cfg),
     )
     config.mlflow.tracking_uri = f"sqlite:///{root}/mlflow.db"

@@ -73,7 +73,7 @@ def measure_fidelity(ctx: RunContext, data: dict[str, Any], board: list[dict[str
     if len(rows) < 2:
         return {**out, "note": f"{len(rows)} usable trial(s): nothing to correlate"}
     epochs, known = ctx.config.train.epochs, known or {}
-    full = {**data, "split": "full", "max_epochs": epochs, "checkpoint_epochs": [epochs],
+    full = {**data, "split": "full", "max_epochs": epochs, "warmup_scale": 1.0, "checkpoint_epochs": [epochs],
             "batch_scale": ctx.config.train.num_workers}
     full_wer = {i: float(known[r["trial_id"]]) for i, r in enumerate(rows) if r["trial_id"] in known}
     todo = [r["config"] for i, r in enumerate(rows) if i not in full_wer]

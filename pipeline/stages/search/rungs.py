@@ -11,9 +11,10 @@ steps over the same data. With ``proxy_train`` and ``pool_train`` utterances::
     max_t = max(2, ⌈top_rung_fraction × train.epochs × pool_train / proxy_train⌉)
     reduction_factor = 2,  grace_period = max(1, round(max_t / reduction_factor²))   # three rungs
 
-A trial is full training compressed to ``max_t`` proxy epochs: its learning-rate schedule spans
-those epochs, and its warm-up is the same share of them (``train.warmup_share``) as full
-training's is of its own. Trials checkpoint only at the rungs.
+A trial is full training compressed to ``max_t`` proxy epochs: its warm-up is scaled by
+``warmup_scale`` (its optimizer steps at the top rung over full training's, ``full_steps =
+train.epochs × ⌊⌈pool_train / batch⌉ / train.num_workers⌋`` per DDP rank), so warm-up takes
+the same share of the trial as it will of full training. Trials checkpoint only at the rungs.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ class RungPlan:
     reduction_factor: int
     max_t: int
     milestones: tuple[int, ...]  # ASHA's rungs below the top, in epochs
+    warmup_scale: float  # a trial's warm-up steps = round(warmup_steps × this)
     sized: bool  # True when any of the three was sized rather than configured
     proxy_train: int
     pool_train: int
+    proxy_steps_per_epoch: int
+    full_steps: int
 
     @property
     def rungs(self) -> tuple[int, ...]:
@@ -54,8 +58,11 @@ def asha_milestones(grace: int, rf: int, max_t: int) -> tuple[int, ...]:
     return tuple(sorted(int(grace * rf**k) for k in range(n)))
 
 
-def plan_rungs(s: SearchConfig, train: TrainConfig, *, proxy_train: int, pool_train: int) -> RungPlan:
+def plan_rungs(s: SearchConfig, train: TrainConfig, *, proxy_train: int, pool_train: int, batch_size: int) -> RungPlan:
     """The rungs for a proxy of ``proxy_train`` training utterances and a pool of ``pool_train``."""
+    batch = max(1, batch_size)
+    proxy_steps = max(1, math.ceil(proxy_train / batch))
+    full_steps = train.epochs * max(1, math.ceil(pool_train / batch) // train.num_workers)
     sized_max = max(2, math.ceil(s.top_rung_fraction * train.epochs * pool_train / max(1, proxy_train)))
     max_t = s.max_epochs or sized_max
     rf = s.reduction_factor or 2
@@ -63,7 +70,8 @@ def plan_rungs(s: SearchConfig, train: TrainConfig, *, proxy_train: int, pool_tr
     grace = min(grace, max_t)
     return RungPlan(
         grace_period=grace, reduction_factor=rf, max_t=max_t, milestones=asha_milestones(grace, rf, max_t),
+        warmup_scale=round(min(1.0, max_t * proxy_steps / full_steps), 4),
         sized=None in (s.max_epochs, s.grace_period, s.reduction_factor),
-        proxy_train=proxy_train, pool_train=pool_train,
+        proxy_train=proxy_train, pool_train=pool_train, proxy_steps_per_epoch=proxy_steps, full_steps=full_steps,
     )
 

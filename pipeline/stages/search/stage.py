@@ -142,6 +142,7 @@ def _experiment_data(ctx: RunContext, incumbent: Incumbent, parts: dict[str, Any
         "frontends": parts,
         "base": incumbent.hparams,
         "max_epochs": plan.max_t,
+        "warmup_scale": plan.warmup_scale,
         "checkpoint_epochs": list(plan.rungs),
         "seed": s.seed,
         "threads": max(1, int(s.cpus_per_trial)),
@@ -156,7 +157,8 @@ def _setup(ctx: RunContext, production_hparams: dict[str, Any] | None,
     incumbent = find_incumbent(ctx, production_hparams)
     parts = _prepare_frontends(ctx, space, incumbent, progress)
     own = parts[frontend_key(*(incumbent.hparams[k] for k in FRONTEND_PARAMS))]
-    plan = plan_rungs(s, ctx.config.train, proxy_train=len(own["proxy_train"]), pool_train=len(own["full_train"]))
+    plan = plan_rungs(s, ctx.config.train, proxy_train=len(own["proxy_train"]), pool_train=len(own["full_train"]),
+                      batch_size=int(incumbent.hparams["batch_size"]))
     return space, incumbent, plan, _experiment_data(ctx, incumbent, parts, plan)
 
 

@@ -64,7 +64,7 @@ def run_trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     train_set, dev_set = IndexedFeatures(fs, part[f"{split}_train"]), IndexedFeatures(fs, part[f"{split}_dev"])
     model_cfg, train_cfg = resolve_hparams(config, {k: v for k, v in hp.items() if k not in FRONTEND_PARAMS})
     train_cfg = train_cfg.model_copy(update={
-        "seed": int(data["seed"]),
+        "seed": int(data["seed"]), "warmup_steps": int(round(train_cfg.warmup_steps * float(data["warmup_scale"]))),
         # the fidelity check stands in for DDP with one worker: the same global batch, so the same learning rate
         "batch_size": train_cfg.batch_size * int(data.get("batch_scale", 1)),
     })

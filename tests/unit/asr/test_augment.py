@@ -120,7 +120,7 @@ def _ddp_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
         torch.set_num_threads(1)
         fs = FeatureStore.open(LocalStore(root), "r1")
         data = IndexedFeatures(fs)
-        train_cfg = TrainConfig(epochs=1, batch_size=2, base_batch_size=2, lr=1e-3, warmup_share=0.0)
+        train_cfg = TrainConfig(epochs=1, batch_size=2, base_batch_size=2, lr=1e-3, warmup_steps=1)
         model_cfg = SMALL.model_copy(update={"time_masks": 1, "freq_masks": 1})
         _, hist = train_model(model_cfg, train_cfg, data, data, n_mels=fs.n_mels, feature_mean=fs.mean,
                               feature_var=fs.var, augment=ALL_ON)

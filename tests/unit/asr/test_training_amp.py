@@ -22,7 +22,7 @@ def loop_and_data():
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     data = ArrayDataset([rng.normal(size=(60, 40)).astype(np.float32) for _ in range(4)], ["one two", "three", "four", "five six"])
-    cfg = TrainConfig(epochs=1, batch_size=2, base_batch_size=2, warmup_share=0.0, use_gpu=True, amp="fp16")
+    cfg = TrainConfig(epochs=1, batch_size=2, base_batch_size=2, warmup_steps=1, use_gpu=True, amp="fp16")
     loop = _Loop(SMALL, cfg, data.frames(), 40, None, None, None)
     return loop, data
 

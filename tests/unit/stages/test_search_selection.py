@@ -84,15 +84,19 @@ def test_score_orders_decoding_trials_before_blank_ones_and_blank_ones_by_loss()
 
 def test_rungs_are_sized_from_the_proxy_and_the_full_budget():
     # the demo's week 2: 510 proxy train utterances, 1,140 in the pool, 15 epochs on 2 workers at batch 32
-    plan = plan_rungs(SearchConfig(trials=6), TrainConfig(epochs=15, num_workers=2), proxy_train=510, pool_train=1140)
+    plan = plan_rungs(SearchConfig(trials=6), TrainConfig(epochs=15, num_workers=2), proxy_train=510, pool_train=1140,
+                      batch_size=32)
+    assert plan.full_steps == 15 * 18 and plan.proxy_steps_per_epoch == 16
     # half of the 17,100 utterances full training sees: 17 proxy epochs
     assert plan.max_t == 17 and plan.reduction_factor == 2 and plan.grace_period == 4
     assert plan.milestones == (4, 8, 16) and plan.rungs == (4, 8, 16, 17) and plan.sized
+    assert plan.warmup_scale == 1.0  # 17 × 16 steps at batch 32 on one worker > 270 per DDP rank: capped
     third = plan_rungs(SearchConfig(top_rung_fraction=0.35), TrainConfig(epochs=15, num_workers=2), proxy_train=510,
-                       pool_train=1140)
+                       pool_train=1140, batch_size=32)
     assert (third.max_t, third.grace_period, third.rungs) == (12, 3, (3, 6, 12))
+    assert third.warmup_scale == pytest.approx(12 * 16 / 270, abs=1e-3)
     fixed = plan_rungs(SearchConfig(max_epochs=3, grace_period=1, reduction_factor=2), TrainConfig(),
-                       proxy_train=30, pool_train=40)
+                       proxy_train=30, pool_train=40, batch_size=8)
     assert (fixed.grace_period, fixed.max_t, fixed.milestones, fixed.sized) == (1, 3, (1, 2), False)
 
 

@@ -113,7 +113,7 @@ def test_the_loop_starts_from_init_state_unless_it_resumes():
     rng = np.random.default_rng(0)
     data = ArrayDataset([rng.standard_normal((60, 40)).astype(np.float32) for _ in range(4)], ["one two"] * 4)
     init = tiny_model("random", seed=3).state_dict()
-    cfg = TrainConfig(lr=1e-9, weight_decay=0.0, epochs=1, batch_size=2, warmup_share=0.0)
+    cfg = TrainConfig(lr=1e-9, weight_decay=0.0, epochs=1, batch_size=2, warmup_steps=0)
     model, _ = train_model(TINY, cfg, data, data, n_mels=40, init_state=init)
     got = model.state_dict()
     assert all(torch.allclose(got[k], init[k], atol=1e-5) for k in init if k not in ("feat_mean", "feat_std"))
